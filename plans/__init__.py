@@ -1,0 +1,1 @@
+"""nnU-Net planners and fingerprint extraction for nnssl (installed as ``nnssl.plans``)."""

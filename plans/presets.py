@@ -1,0 +1,70 @@
+"""The fixed network presets of nnssl: ResEnc-L exactly as in the S3D paper, and a tiny CPU preset of the same family.
+
+The presets are independent of any dataset: pretraining and every downstream dataset planned with the same preset
+get the identical architecture, so encoder weights transfer 1:1.
+"""
+
+from dataclasses import dataclass
+from typing import Tuple
+
+RESENC_UNET_CLASS = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
+
+
+@dataclass(frozen=True)
+class ResEncPreset:
+    """A ResEnc U-Net topology plus the patch and batch it is trained with (always at 1x1x1 mm)."""
+
+    name: str
+    patch_size: Tuple[int, int, int]
+    features_per_stage: Tuple[int, ...]
+    n_blocks_per_stage: Tuple[int, ...]
+    batch_size: int
+    spacing: Tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+    @property
+    def n_stages(self) -> int:
+        return len(self.features_per_stage)
+
+    @property
+    def strides(self) -> Tuple[Tuple[int, int, int], ...]:
+        return ((1, 1, 1),) + ((2, 2, 2),) * (self.n_stages - 1)
+
+    def architecture(self) -> dict:
+        """The ``architecture`` block of an nnU-Net plans configuration."""
+        return {
+            "network_class_name": RESENC_UNET_CLASS,
+            "arch_kwargs": {
+                "n_stages": self.n_stages,
+                "features_per_stage": list(self.features_per_stage),
+                "conv_op": "torch.nn.modules.conv.Conv3d",
+                "kernel_sizes": [[3, 3, 3]] * self.n_stages,
+                "strides": [list(s) for s in self.strides],
+                "n_blocks_per_stage": list(self.n_blocks_per_stage),
+                "n_conv_per_stage_decoder": [1] * (self.n_stages - 1),
+                "conv_bias": True,
+                "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+                "norm_op_kwargs": {"eps": 1e-05, "affine": True},
+                "dropout_op": None,
+                "dropout_op_kwargs": None,
+                "nonlin": "torch.nn.LeakyReLU",
+                "nonlin_kwargs": {"inplace": True},
+            },
+            "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
+        }
+
+
+RESENC_L = ResEncPreset(
+    name="ResEncL",
+    patch_size=(160, 160, 160),
+    features_per_stage=(32, 64, 128, 256, 320, 320),
+    n_blocks_per_stage=(1, 3, 4, 6, 6, 6),
+    batch_size=6,
+)
+
+RESENC_TINY = ResEncPreset(
+    name="ResEncTiny",
+    patch_size=(64, 64, 64),
+    features_per_stage=(8, 16, 32, 64, 64),
+    n_blocks_per_stage=(1, 1, 2, 2, 2),
+    batch_size=2,
+)
