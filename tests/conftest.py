@@ -42,3 +42,35 @@ def run_command(args: List[str], cwd: Optional[Path] = None, extra_env: Optional
         raise AssertionError(f"{' '.join(command)} failed with exit code {result.returncode}\n"
                              f"--- stdout ---\n{result.stdout[-6000:]}\n--- stderr ---\n{result.stderr[-6000:]}")
     return result
+
+
+def write_labeled_dataset(raw_dir: Path, dataset_id: int, name: str, shapes, spacings, seed: int = 0,
+                          num_channels: int = 1) -> Path:
+    """A minimal labeled nnU-Net raw dataset (random texture, one box label per case) for planner tests."""
+    import numpy as np
+    import SimpleITK as sitk
+    import json
+
+    folder = raw_dir / f"Dataset{dataset_id:03d}_{name}"
+    (folder / "imagesTr").mkdir(parents=True)
+    (folder / "labelsTr").mkdir()
+    rng = np.random.default_rng(seed)
+    for case, (shape, spacing) in enumerate(zip(shapes, spacings)):
+        label = np.zeros(shape, dtype=np.uint8)
+        label[tuple(slice(s // 4, s // 2) for s in shape)] = 1
+        for channel in range(num_channels):
+            image = rng.normal(100 + 20 * channel, 10, shape).astype(np.float32) + 50 * label
+            itk = sitk.GetImageFromArray(image)
+            itk.SetSpacing(tuple(float(s) for s in spacing[::-1]))
+            sitk.WriteImage(itk, str(folder / "imagesTr" / f"case{case:03d}_{channel:04d}.nii.gz"))
+        itk_label = sitk.GetImageFromArray(label)
+        itk_label.SetSpacing(tuple(float(s) for s in spacing[::-1]))
+        sitk.WriteImage(itk_label, str(folder / "labelsTr" / f"case{case:03d}.nii.gz"))
+    dataset_json = {
+        "channel_names": {str(c): f"MRI{c}" for c in range(num_channels)},
+        "labels": {"background": 0, "box": 1},
+        "numTraining": len(shapes),
+        "file_ending": ".nii.gz",
+    }
+    (folder / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
+    return folder

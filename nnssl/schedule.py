@@ -1,0 +1,25 @@
+"""Smoke-run controls: environment variables that override the training schedule of every nnssl trainer.
+
+They let a user (or a test) run any trainer for a few iterations through the stock ``nnUNetv2_train`` without
+writing a variant class. They are applied right before ``initialize()`` builds the LR schedule, so they win over
+the trainer's own defaults and over ``_5epochs``-style variants.
+"""
+
+from nnssl.environment import positive_int_from_environment
+
+SCHEDULE_VARIABLES = {
+    "nnssl_num_epochs": "num_epochs",
+    "nnssl_iterations_per_epoch": "num_iterations_per_epoch",
+    "nnssl_val_iterations_per_epoch": "num_val_iterations_per_epoch",
+}
+
+
+def apply_schedule_overrides(trainer) -> dict:
+    """Set the trainer attributes named by the variables that are set; return ``{attribute: value}`` applied."""
+    applied = {}
+    for variable, attribute in SCHEDULE_VARIABLES.items():
+        value = positive_int_from_environment(variable, None)
+        if value is not None:
+            setattr(trainer, attribute, value)
+            applied[attribute] = value
+    return applied
