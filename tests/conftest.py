@@ -33,8 +33,8 @@ def run_command(args: List[str], cwd: Optional[Path] = None, extra_env: Optional
                 timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess:
     """Run an installed console script in a subprocess with the current environment (plus ``extra_env``)."""
     env = dict(os.environ)
-    env.setdefault("nnUNet_n_proc_DA", "0")
-    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("nnUNet_n_proc_DA", "0")  # augmentation in the main process
+    env.setdefault("nnUNet_def_n_proc", "1")  # nnU-Net's export/evaluation pools: one spawn costs seconds here
     env.update(extra_env or {})
     command = [console_script(args[0])] + [str(a) for a in args[1:]]
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,8 @@
+"""The one exception type that stops an ingest before any image is touched."""
+
+
+class IngestError(Exception):
+    """A problem with the command itself (environment, dataset ID, input paths): nothing was written.
+
+    Problems with single images are never raised; they become rejections in the summary instead.
+    """

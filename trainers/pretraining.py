@@ -1,0 +1,281 @@
+"""``nnsslPretrainTrainer``: the nnU-Net trainer lifecycle adapted to self-supervised pretraining.
+
+Subclasses only say how to build the pretraining model around the plans' network (``wrap_network``), how to compute
+the loss of a batch (``compute_loss``) and which part of the model is the transferable dna network
+(``transferable_network``). This base class provides what every method shares:
+
+* the S3D optimisation recipe (SGD 1e-2, Nesterov 0.99, wd 3e-5, poly decay, clipping at 12, 1000 x 250 iterations);
+* bf16 autocast on CUDA (``use_fp16 = True`` switches to fp16 with a GradScaler), fp32 on CPU;
+* validation = the pretraining loss on held-out patches; ``checkpoint_best.pth`` = lowest validation loss; no
+  segmentation validation after training;
+* a bounded number of non-finite losses per epoch, then a clear error;
+* checkpoints that nnU-Net can resume (``--c``) and that downstream code can consume: ``network_weights`` holds the
+  plain dna state dict, ``nnssl_adaptation_plan`` and ``citations`` are added, the full pretraining model (tokens,
+  heads) is kept under ``nnssl_pretraining_weights`` for resuming.
+"""
+
+from contextlib import nullcontext
+from os.path import join
+from time import time
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.collate_outputs import collate_outputs
+from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+from nnssl import citations
+from nnssl.adaptation_plan import build_adaptation_plan
+from nnssl.augmentation import PRETRAINING_ROTATION, PRETRAINING_SCALING, spatial_pretraining_transforms
+from nnssl.checkpoint import atomic_torch_save, unwrap
+from nnssl.reconstruction_figure import save_reconstruction_png
+from nnssl.trainers.base import nnsslTrainerMixin
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when an epoch produced more non-finite losses than the trainer tolerates."""
+
+
+class nnsslPretrainTrainer(nnsslTrainerMixin, nnUNetTrainer):
+    citations: Tuple[str, ...] = citations.PRETRAINING_BASE
+    gradient_clip_norm: Optional[float] = 12.0
+    use_fp16: bool = False
+    max_nonfinite_losses_per_epoch: int = 20
+    reconstruction_png_every: int = 50
+
+    def __init__(self, plans: dict, configuration: str, fold, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.initial_lr = 1e-2
+        self.weight_decay = 3e-5
+        self.num_epochs = 1000
+        self.num_iterations_per_epoch = 250
+        self.num_val_iterations_per_epoch = 50
+        self.enable_deep_supervision = False
+        self.oversample_foreground_percent = 0.0  # uniform random crops: there is no foreground to oversample
+        self.save_every = 1  # pretraining epochs are long: resume from the last finished one
+        self.grad_scaler = torch.amp.GradScaler("cuda") if self.use_fp16 and self.device.type == "cuda" else None
+        self.best_val_loss: Optional[float] = None
+        self._nonfinite_losses_this_epoch = 0
+
+    # ----------------------------------------------------------------------------------------- what subclasses provide
+    def wrap_network(self, network: nn.Module) -> nn.Module:
+        """Build the pretraining model around the plans' dna network."""
+        raise NotImplementedError
+
+    def compute_loss(self, batch: dict, train: bool) -> torch.Tensor:
+        raise NotImplementedError
+
+    def transferable_network(self, model: nn.Module) -> nn.Module:
+        """The part of the (unwrapped) pretraining model whose state dict is exported as ``network_weights``."""
+        return model.network
+
+    def reconstruction_panels(self, batch: dict) -> Optional[Dict[str, np.ndarray]]:
+        """Arrays for the periodic reconstruction PNG (None: the method has nothing to show)."""
+        return None
+
+    def extra_state(self) -> dict:
+        """Trainer state beyond nnU-Net's that a resumed run needs (e.g. random streams)."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+    # ------------------------------------------------------------------------------------------------ network & data
+    def build_network_architecture(self, plans_manager, configuration_manager, num_input_channels: int,
+                                   num_output_channels: int, enable_deep_supervision: bool = False) -> nn.Module:
+        network = get_network_from_plans(
+            configuration_manager.network_arch_class_name,
+            configuration_manager.network_arch_init_kwargs,
+            configuration_manager.network_arch_init_kwargs_req_import,
+            num_input_channels, self.num_output_channels(num_input_channels),
+            allow_init=True, deep_supervision=False)
+        return self.wrap_network(network)
+
+    def num_output_channels(self, num_input_channels: int) -> int:
+        """Reconstruction methods predict every input channel."""
+        return num_input_channels
+
+    def _do_i_compile(self) -> bool:
+        # opt-in only (nnUNet_compile=1): nnU-Net compiles by default on CUDA, untested for the pretraining models
+        import os
+
+        return self.device.type == "cuda" and os.environ.get("nnUNet_compile", "").lower() in ("true", "1", "t")
+
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        patch_size = self.configuration_manager.patch_size
+        mirror_axes = (0, 1, 2)
+        initial_patch_size = get_patch_size(patch_size, PRETRAINING_ROTATION, PRETRAINING_ROTATION,
+                                            PRETRAINING_ROTATION, PRETRAINING_SCALING)
+        self.inference_allowed_mirroring_axes = mirror_axes
+        return PRETRAINING_ROTATION, False, initial_patch_size, mirror_axes
+
+    @staticmethod
+    def get_training_transforms(patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes,
+                                do_dummy_2d_data_aug, use_mask_for_norm=None, is_cascaded=False,
+                                foreground_labels=None, regions=None, ignore_label=None):
+        return spatial_pretraining_transforms(patch_size, rotation_for_DA, mirror_axes)
+
+    def _build_loss(self):
+        return None  # the loss lives in compute_loss
+
+    def on_train_start(self):
+        super().on_train_start()
+        self.print_to_log_file("Please cite:\n  " + "\n  ".join(self.citations), also_print_to_console=False)
+
+    # ------------------------------------------------------------------------------------------------- steps
+    def autocast(self):
+        if self.device.type != "cuda":
+            return nullcontext()
+        return torch.autocast("cuda", dtype=torch.float16 if self.use_fp16 else torch.bfloat16)
+
+    def train_step(self, batch: dict) -> dict:
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.autocast():
+            loss = self.compute_loss(batch, train=True)
+        # backward always runs (under DDP every rank must take part); a non-finite gradient skips the update
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            self._clip_gradients()
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            if torch.isfinite(self._clip_gradients()):
+                self.optimizer.step()
+        value = float(loss.detach().float().cpu())
+        if not np.isfinite(value):
+            self._count_nonfinite_loss()
+        return {"loss": value}
+
+    def _clip_gradients(self) -> torch.Tensor:
+        parameters = [p for p in self.network.parameters() if p.grad is not None]
+        max_norm = self.gradient_clip_norm if self.gradient_clip_norm is not None else float("inf")
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+
+    def _count_nonfinite_loss(self) -> None:
+        self._nonfinite_losses_this_epoch += 1
+        if self._nonfinite_losses_this_epoch > self.max_nonfinite_losses_per_epoch:
+            message = (f"{self.__class__.__name__}: {self._nonfinite_losses_this_epoch} non-finite (NaN/inf) losses "
+                       f"in epoch {self.current_epoch} (limit {self.max_nonfinite_losses_per_epoch}); training "
+                       f"stopped. Resume from the last good checkpoint with --c after checking the data for extreme "
+                       f"values, or lower the learning rate (fp16 runs: use the default bf16 trainer instead).")
+            self.print_to_log_file(message)
+            raise NonFiniteLossError(message)
+
+    def on_train_epoch_start(self):
+        self._nonfinite_losses_this_epoch = 0
+        super().on_train_epoch_start()
+
+    def validation_step(self, batch: dict) -> dict:
+        with self.autocast():
+            loss = self.compute_loss(batch, train=False)
+        return {"loss": float(loss.detach().float().cpu())}
+
+    def _epoch_mean(self, outputs: List[dict]) -> float:
+        losses = np.asarray(collate_outputs(outputs)["loss"], dtype=np.float64)
+        if self.is_ddp:
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, losses)
+            losses = np.concatenate(gathered)
+        finite = losses[np.isfinite(losses)]
+        return float(finite.mean()) if finite.size else float("nan")
+
+    def on_train_epoch_end(self, train_outputs: List[dict]):
+        self.logger.log("train_losses", self._epoch_mean(train_outputs), self.current_epoch)
+
+    def on_validation_epoch_end(self, val_outputs: List[dict]):
+        self.logger.log("val_losses", self._epoch_mean(val_outputs), self.current_epoch)
+        # nnU-Net's logger and progress plot expect these keys; there is no segmentation to score
+        self.logger.log("mean_fg_dice", float("nan"), self.current_epoch)
+        self.logger.log("dice_per_class_or_region", [], self.current_epoch)
+
+    def on_epoch_end(self):
+        self.logger.log("epoch_end_timestamps", time(), self.current_epoch)
+        train_loss = self.logger.get_value("train_losses", step=-1)
+        val_loss = self.logger.get_value("val_losses", step=-1)
+        self.print_to_log_file("train_loss", np.round(train_loss, decimals=5))
+        self.print_to_log_file("val_loss", np.round(val_loss, decimals=5))
+        epoch_time = (self.logger.get_value("epoch_end_timestamps", step=-1)
+                      - self.logger.get_value("epoch_start_timestamps", step=-1))
+        self.print_to_log_file(f"Epoch time: {np.round(epoch_time, decimals=2)} s")
+
+        last_epoch = self.current_epoch == self.num_epochs - 1
+        if (self.current_epoch + 1) % self.save_every == 0 and not last_epoch:
+            self.save_checkpoint(join(self.output_folder, "checkpoint_latest.pth"))
+        if np.isfinite(val_loss) and (self.best_val_loss is None or val_loss < self.best_val_loss):
+            self.best_val_loss = float(val_loss)
+            self.print_to_log_file(f"New best validation loss: {np.round(val_loss, decimals=5)}")
+            self.save_checkpoint(join(self.output_folder, "checkpoint_best.pth"))
+        if self.local_rank == 0:
+            self.logger.plot_progress_png(self.output_folder)
+            if self.current_epoch % self.reconstruction_png_every == 0 or last_epoch:
+                self._save_reconstruction_png()
+        self.current_epoch += 1
+
+    def _save_reconstruction_png(self) -> None:
+        self.network.eval()
+        with torch.no_grad(), self.autocast():
+            panels = self.reconstruction_panels(next(self.dataloader_val))
+        if panels is not None:
+            filename = join(self.output_folder, f"reconstruction_epoch_{self.current_epoch:04d}.png")
+            save_reconstruction_png(panels, filename, f"{self.__class__.__name__}, epoch {self.current_epoch}")
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        self.print_to_log_file("Pretraining trainer: no segmentation validation (validation loss is logged per "
+                               "epoch; checkpoint_best.pth has the lowest one).")
+
+    # ------------------------------------------------------------------------------------------------- checkpoints
+    def adaptation_plan(self) -> dict:
+        return build_adaptation_plan(self.plans_manager.plans, self.configuration_name, self.num_input_channels,
+                                     self.configuration_manager.patch_size)
+
+    def save_checkpoint(self, filename: str) -> None:
+        if self.local_rank != 0:
+            return
+        if self.disable_checkpointing:
+            self.print_to_log_file("No checkpoint written, checkpointing is disabled")
+            return
+        model = unwrap(self.network)
+        checkpoint = {
+            "network_weights": self.transferable_network(model).state_dict(),
+            "nnssl_pretraining_weights": model.state_dict(),
+            "optimizer_state": self.optimizer.state_dict(),
+            "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
+            "logging": self.logger.get_checkpoint(),
+            "_best_ema": self._best_ema,
+            "nnssl_best_val_loss": self.best_val_loss,
+            "nnssl_trainer_state": self.extra_state(),
+            "current_epoch": self.current_epoch + 1,
+            "init_args": self.my_init_kwargs,
+            "trainer_name": self.__class__.__name__,
+            "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
+            "nnssl_adaptation_plan": self.adaptation_plan(),
+            "citations": list(self.citations),
+        }
+        atomic_torch_save(checkpoint, filename)
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        if not self.was_initialized:
+            self.initialize()
+        checkpoint = filename_or_checkpoint
+        if isinstance(filename_or_checkpoint, str):
+            checkpoint = torch.load(filename_or_checkpoint, map_location=self.device, weights_only=False)
+        if "nnssl_pretraining_weights" not in checkpoint:
+            raise RuntimeError(f"{filename_or_checkpoint} is not an nnssl pretraining checkpoint (no "
+                               f"'nnssl_pretraining_weights'); it cannot be resumed with {self.__class__.__name__}.")
+        unwrap(self.network).load_state_dict(checkpoint["nnssl_pretraining_weights"])
+        self.my_init_kwargs = checkpoint["init_args"]
+        self.current_epoch = checkpoint["current_epoch"]
+        self.logger.load_checkpoint(checkpoint["logging"])
+        self._best_ema = checkpoint["_best_ema"]
+        self.best_val_loss = checkpoint["nnssl_best_val_loss"]
+        self.optimizer.load_state_dict(checkpoint["optimizer_state"])
+        if self.grad_scaler is not None and checkpoint["grad_scaler_state"] is not None:
+            self.grad_scaler.load_state_dict(checkpoint["grad_scaler_state"])
+        self.load_extra_state(checkpoint["nnssl_trainer_state"])
