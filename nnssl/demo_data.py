@@ -26,6 +26,14 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import SimpleITK as sitk
 
+DESCRIPTION = """\
+Write small, reproducible synthetic head MRI so nnssl can be tried without real data:
+  DIR/unlabeled/                 head volumes with mixed spacings, orientations, sizes, pixel types and formats
+                                 (.nii.gz, .nrrd, .mha), the input for nnssl_ingest
+  DIR/unlabeled_masks/anatomy/   head masks for every other volume, same file names (nnssl_ingest --anatomy_masks)
+  $nnUNet_raw/Dataset<ID>_nnsslDemoLabeled
+                                 labeled nnU-Net dataset: label 1 = a bright ellipsoid inside the head
+The same seed always gives the same data."""
 DEFAULT_LABELED_ID = 502
 LABELED_NAME = "nnsslDemoLabeled"
 UNLABELED_FOLDER = "unlabeled"
@@ -247,14 +255,15 @@ def write_labeled_dataset(dataset_folder: Path, count: int, seed: int) -> Path:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Run ``nnssl_demo_data``."""
-    parser = argparse.ArgumentParser(prog="nnssl_demo_data", description=__doc__.split("\n\nThe head")[0],
+    parser = argparse.ArgumentParser(prog="nnssl_demo_data", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-o", dest="output", required=True, metavar="DIR",
                         help="output folder for the unlabeled images (DIR/unlabeled, DIR/unlabeled_masks/anatomy)")
-    parser.add_argument("--num_unlabeled", type=int, default=8, help="unlabeled volumes (default: %(default)s)")
-    parser.add_argument("--num_labeled", type=int, default=6,
+    parser.add_argument("--num_unlabeled", type=int, default=8, metavar="N",
+                        help="unlabeled volumes (default: %(default)s)")
+    parser.add_argument("--num_labeled", type=int, default=6, metavar="N",
                         help="cases of the labeled dataset, 0 = none (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same data (default: 0)")
+    parser.add_argument("--seed", type=int, default=0, metavar="SEED", help="random seed; same seed, same data (default: 0)")
     parser.add_argument("-d", dest="dataset_id", type=int, default=DEFAULT_LABELED_ID, metavar="LABELED_DATASET_ID",
                         help=f"nnU-Net ID of the labeled dataset, written to $nnUNet_raw/Dataset<ID>_{LABELED_NAME} "
                              f"(default: %(default)s)")

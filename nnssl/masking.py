@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-# Slack when rounding ratio * n_cells down, so that a representation error (0.29 * 100 = 28.999...) does not cost a cell.
+# Slack when rounding ratio * n_cells down, so a representation error (0.29 * 100 = 28.999...) does not cost a cell.
 _ROUNDING_SLACK = 1e-9
 
 

@@ -11,9 +11,9 @@ def masked_reconstruction_loss(prediction: torch.Tensor, target: torch.Tensor, m
                                region: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared error over all masked voxels of the batch, pooled (one mean, not a mean of per-sample means).
 
-    ``mask`` is the (B, 1, *grid) visible mask; ``region`` an optional (B, 1, *spatial) bool/0-1 map restricting the loss
-    further (e.g. to anatomy). Computed in float32 so fp16/bf16 predictions do not lose precision in the reduction. With
-    no voxel to score the result is a zero that still carries a grad_fn, so a training step never breaks.
+    ``mask`` is the (B, 1, *grid) visible mask; ``region`` an optional (B, 1, *spatial) bool/0-1 map restricting the
+    loss further (e.g. to anatomy). Computed in float32 so fp16/bf16 predictions do not lose precision in the
+    reduction. With no voxel to score the result is a zero that still carries a grad_fn, so a training step never breaks.
     """
     if prediction.shape != target.shape:
         raise ValueError(f"Prediction {tuple(prediction.shape)} and target {tuple(target.shape)} differ in shape.")

@@ -6,10 +6,10 @@ every InstanceNorm takes its statistics over the visible voxels only (zeros at m
 
 The encoder is instrumented without changing its parameters, state_dict keys or module aliases:
 * convolutions and pools get a forward hook that re-applies the mask to their output;
-* each InstanceNorm3d object is swapped for ONE ``MaskedInstanceNorm3d`` that holds the original Parameter objects and is
-  placed under every name the original had (dna registers it as ``.norm`` and ``.all_modules.1``).
-The mask reaches these modules through a ``MaskContext`` owned by the model, set only for the duration of a forward; with
-no mask set, every instrumented module behaves exactly like the original, so the same network still runs densely.
+* each InstanceNorm3d object is swapped for ONE ``MaskedInstanceNorm3d`` that holds the original Parameter objects and
+  is placed under every name the original had (dna registers it as ``.norm`` and ``.all_modules.1``).
+The mask reaches these modules through a ``MaskContext`` owned by the model, set only for the duration of a forward;
+with no mask set, every instrumented module behaves exactly like the original, so the same network still runs densely.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from nnssl.masking import upsample_mask
 
 _REMASKED_OPS = (nn.Conv3d, nn.AvgPool3d, nn.MaxPool3d)
 _SUPPORTED_NORMS = (nn.InstanceNorm3d,)
+# _NormBase covers every BatchNorm and InstanceNorm variant.
 _NORM_BASES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 

@@ -99,7 +99,9 @@ def test_each_rejection_reason_is_recorded_and_good_files_still_ingested(nnunet_
     write_image(inputs / "flat.nii.gz", textured((30, 30)))
     write_image(inputs / "movie.nii.gz", textured((3, 20, 22, 24)))
     write_image(inputs / "rgb.mha", textured((20, 22, 24, 3)), is_vector=True)
-    write_image(inputs / "nan.nrrd", nan)  # (ITK's NIfTI reader itself turns NaN/inf into 0)
+    write_image(inputs / "nan.nrrd", nan)
+    write_image(inputs / "nan.nii.gz", nan)  # ITK's NIfTI reader would silently read NaN/inf as 0
+    write_image(inputs / "inf.nii", inf)
     write_image(inputs / "inf.mha", inf)
     write_image(inputs / "constant.nii.gz", np.full((20, 22, 24), 7, np.int16))
     write_image(inputs / "small.nii.gz", textured((10, 40, 40)))  # 10 mm < 16 mm along z
@@ -115,6 +117,8 @@ def test_each_rejection_reason_is_recorded_and_good_files_still_ingested(nnunet_
         "rgb.mha": "not a scalar image: 3 components per voxel",
         "nan.nrrd": "NaN voxels: 1 of 10560",
         "inf.mha": "infinite voxels: 1 of 10560",
+        "nan.nii.gz": "NaN voxels: 1 of 10560",
+        "inf.nii": "infinite voxels: 1 of 10560",
         "constant.nii.gz": "constant image: every voxel is 7",
         "small.nii.gz": "too small: physical extent 40.0 x 40.0 x 10.0 mm",
         "wrong_size.nii.gz": "anatomy mask size (24, 22, 19) differs from image size (24, 22, 20)",

@@ -113,3 +113,21 @@ def test_tiny_preset_preprocesses_to_one_millimetre_b2nd(nnunet_dirs):
         assert tuple(data.shape[1:]) == tuple(expected_at_1mm)
         values = data[:]
         assert abs(float(values.mean())) < 0.2 and abs(float(values.std()) - 1) < 0.2  # z-scored
+
+
+def test_header_only_fingerprint_matches_nnunet_geometry(nnunet_dirs):
+    raw = nnunet_dirs["nnUNet_raw"]
+    folder = write_labeled_dataset(raw, 15, "Fp", shapes=[(20, 24, 18), (22, 20, 26), (18, 18, 18)],
+                                   spacings=[(3.0, 1.0, 0.5), (2.5, 0.9, 0.9), (1.0, 1.0, 1.0)])
+    fingerprint_file = nnunet_dirs["nnUNet_preprocessed"] / folder.name / "dataset_fingerprint.json"
+    run_command(["nnUNetv2_extract_fingerprint", "-d", 15, "-np", 1, "--clean"])
+    stock = json.loads(fingerprint_file.read_text())
+    plan(15, "nnsslPlannerTiny", "-fpe", "nnsslFingerprintExtractor", "--clean", "--no_pp")
+    ours = json.loads(fingerprint_file.read_text())
+    assert ours["spacings"] == stock["spacings"]
+    assert ours["shapes_after_crop"] == [[20, 24, 18], [22, 20, 26], [18, 18, 18]]
+    assert "header-only" in ours["nnssl_fingerprint"]
+    for key in ("mean", "std", "percentile_99_5"):
+        assert ours["foreground_intensity_properties_per_channel"]["0"][key] == pytest.approx(
+            stock["foreground_intensity_properties_per_channel"]["0"][key], rel=0.05)
+    assert load_plans(nnunet_dirs, folder, "nnsslPlansTiny")["configurations"]["3d_fullres"]["spacing"] == [1.0] * 3

@@ -94,7 +94,8 @@ def test_every_encoder_conv_and_pool_output_is_remasked_once():
     mask = make_mask(block_size=8)
     with torch.no_grad():
         model(make_input(), mask)
-    assert len(outputs) == len(ops) == 1 + 2 * 7 + 2 * 4  # stem, two convs per block, pool + 1x1 conv per down-step
+    # stem + two convs in each of the 7 blocks + a pool per down-step (4) + a 1x1 conv where channels change (2)
+    assert len(outputs) == len(ops) == 1 + 2 * 7 + 4 + 2
     for output in outputs:
         assert (output * (1 - upsample_mask(mask, output.shape[2:])) == 0).all()
     assert any((upsample_mask(mask, o.shape[2:]) == 0).any() for o in outputs)  # masked positions were present
@@ -178,7 +179,8 @@ def test_network_state_dict_and_aliases_survive_wrapping_and_training():
         assert block.norm is block.all_modules[1] and block.norm.weight is block.all_modules[1].weight
         assert isinstance(block.norm, nn.InstanceNorm3d)
     state = model.network.state_dict()
-    assert state["encoder.stem.convs.0.conv.weight"].data_ptr() == state["encoder.stem.convs.0.all_modules.0.weight"].data_ptr()
+    stem = "encoder.stem.convs.0"
+    assert state[f"{stem}.conv.weight"].data_ptr() == state[f"{stem}.all_modules.0.weight"].data_ptr()
 
     fresh.load_state_dict(state, strict=True)
     with torch.no_grad():

@@ -36,6 +36,17 @@ from nnssl.reconstruction_figure import save_reconstruction_png
 from nnssl.trainers.base import nnsslTrainerMixin
 
 
+def freeze_unused_deep_supervision_heads(network: nn.Module) -> None:
+    """dna builds a 1x1 output head per decoder stage; without deep supervision only the last one is used.
+
+    The others would never get a gradient, which nnU-Net's DDP wrapper (``find_unused_parameters=False``) rejects.
+    Freezing keeps their keys in the state dict, so checkpoints still load into a plain dna network.
+    """
+    decoder = getattr(network, "decoder", None)
+    for head in list(getattr(decoder, "seg_layers", []))[:-1]:
+        head.requires_grad_(False)
+
+
 class NonFiniteLossError(RuntimeError):
     """Raised when an epoch produced more non-finite losses than the trainer tolerates."""
 
@@ -94,6 +105,7 @@ class nnsslPretrainTrainer(nnsslTrainerMixin, nnUNetTrainer):
             configuration_manager.network_arch_init_kwargs_req_import,
             num_input_channels, self.num_output_channels(num_input_channels),
             allow_init=True, deep_supervision=False)
+        freeze_unused_deep_supervision_heads(network)
         return self.wrap_network(network)
 
     def num_output_channels(self, num_input_channels: int) -> int:
@@ -119,6 +131,9 @@ class nnsslPretrainTrainer(nnsslTrainerMixin, nnUNetTrainer):
                                 do_dummy_2d_data_aug, use_mask_for_norm=None, is_cascaded=False,
                                 foreground_labels=None, regions=None, ignore_label=None):
         return spatial_pretraining_transforms(patch_size, rotation_for_DA, mirror_axes)
+
+    def set_deep_supervision_enabled(self, enabled: bool):
+        """Pretraining never uses deep supervision (the network is built without it)."""
 
     def _build_loss(self):
         return None  # the loss lives in compute_loss

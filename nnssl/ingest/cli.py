@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="dataset name: the output is $nnUNet_raw/Dataset<ID:03d>_<NAME>")
     parser.add_argument("-np", dest="num_processes", type=int, default=default_num_processes(), metavar="N",
                         help="number of worker processes (default: min(8, CPU count) = %(default)s)")
-    parser.add_argument("--modality", default="MRI",
+    parser.add_argument("--modality", default="MRI", metavar="NAME",
                         help="channel name written to dataset.json (default: %(default)s)")
     parser.add_argument("--min_extent_mm", type=float, default=16.0, metavar="MM",
                         help="reject images whose field of view (voxels x spacing) is below this along any axis "

@@ -81,6 +81,8 @@ def _is_inside(path: str, folders: Iterable[str]) -> bool:
 
 def find_images(root: str, excluded: Sequence[str]) -> Iterator[Tuple[str, str]]:
     """``(absolute path, relative stem)`` of every image under ``root``, sorted; hidden and excluded folders skipped."""
+    if _is_inside(root, excluded):
+        return
     for folder, subfolders, files in os.walk(root):
         subfolders[:] = sorted(d for d in subfolders if not d.startswith(".")
                                and not _is_inside(_resolved(os.path.join(folder, d)), excluded))

@@ -81,7 +81,8 @@ def ingest(dataset_id: int, dataset_name: str, input_dirs: Sequence[PathLike] = 
     Invalid images are rejected with a reason (never aborting the batch); cases already written from unchanged
     sources are skipped; dataset.json and ``nnssl_ingest_summary.json`` are rewritten at the end (also when the
     run is interrupted), so a re-run resumes. Source files are only ever read. Raises ``IngestError`` for
-    problems with the command itself (environment, dataset ID, missing inputs).
+    problems with the command itself (environment, dataset ID, missing inputs). Run one ingest per dataset at a
+    time: a run removes temp folders that an earlier, killed run left behind.
     """
     if not input_dirs and list_file is None:
         raise IngestError("No inputs: give input folders with -i and/or a list file with -l.")
@@ -98,26 +99,32 @@ def ingest(dataset_id: int, dataset_name: str, input_dirs: Sequence[PathLike] = 
 
     previous = load_summary(folder)
     accepted: Dict[str, dict] = previous["accepted"]
-    rejected: Dict[str, str] = dict(previous["rejected"])
-    report = IngestReport(dataset_folder, Path(folder) / SUMMARY_FILE, 0,
-                          rejected=dict(found.rejected))
-    rejected.update(found.rejected)
-    num_processes = num_processes or default_num_processes()
+    rejected: Dict[str, str] = previous["rejected"]
+    report = IngestReport(dataset_folder, Path(folder) / SUMMARY_FILE, 0)
+
+    def reject(image: str, reason: str) -> None:
+        case_id = case_identifier(image)
+        if case_id in accepted:  # its source turned into something invalid: drop the stale case
+            remove_case(folder, case_id)
+            del accepted[case_id]
+        rejected[image] = report.rejected[image] = reason
 
     temp_folder = tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=folder)
-    tasks, entries = [], {}
-    for source in found.sources:
-        case_id = case_identifier(source.image)
-        entries[case_id] = manifest_entry(source)  # stamped before reading, so a later edit is seen as a change
-        if is_unchanged(accepted.get(case_id), entries[case_id], folder, case_id):
-            report.skipped.append(case_id)
-            rejected.pop(source.image, None)
-            if verbose:
-                print(f"unchanged, skipped: {case_id} <- {source.image}")
-        else:
-            tasks.append(CaseTask(source, case_id, folder, temp_folder, min_extent_mm))
     try:
-        for result in run_tasks(tasks, num_processes, progress):
+        for image, reason in found.rejected.items():
+            reject(image, reason)
+        tasks, entries = [], {}
+        for source in found.sources:
+            case_id = case_identifier(source.image)
+            entries[case_id] = manifest_entry(source)  # stamped before reading: a later edit is seen as a change
+            if is_unchanged(accepted.get(case_id), entries[case_id], folder, case_id):
+                report.skipped.append(case_id)
+                rejected.pop(source.image, None)
+                if verbose:
+                    print(f"unchanged, skipped: {case_id} <- {source.image}")
+            else:
+                tasks.append(CaseTask(source, case_id, folder, temp_folder, min_extent_mm))
+        for result in run_tasks(tasks, num_processes or default_num_processes(), progress):
             case_id, source = result.task.case_id, result.task.source
             if result.reason is None:
                 accepted[case_id] = entries[case_id]
@@ -125,10 +132,7 @@ def ingest(dataset_id: int, dataset_name: str, input_dirs: Sequence[PathLike] = 
                 report.written.append(case_id)
                 message = f"written: {case_id} <- {source.image}"
             else:
-                if case_id in accepted:  # its source changed into something invalid: drop the stale case
-                    remove_case(folder, case_id)
-                    del accepted[case_id]
-                rejected[source.image] = report.rejected[source.image] = result.reason
+                reject(source.image, result.reason)
                 message = f"rejected: {source.image}: {result.reason}"
             if verbose:
                 tqdm.write(message)

@@ -72,8 +72,8 @@ def geometry_mismatch(actual: Geometry, expected: Geometry) -> Optional[str]:
 def check_image(image: sitk.Image, min_extent_mm: float) -> None:
     """Reject images nnU-Net cannot use: not 3D scalar, smaller than ``min_extent_mm``, NaN/inf, or constant.
 
-    The physical extent along an axis is its number of voxels times its spacing (the field of view). NaN/inf
-    can only be seen in formats other than NIfTI: ITK's NIfTI reader (and so nnU-Net) already reads them as 0.
+    The physical extent along an axis is its number of voxels times its spacing (the field of view). ITK's NIfTI
+    reader silently turns NaN/inf into 0, so NIfTI files are checked separately (``nifti_nonfinite_problem``).
     """
     problem = scalar_3d_problem(image)
     if problem:
@@ -83,14 +83,39 @@ def check_image(image: sitk.Image, min_extent_mm: float) -> None:
         raise Rejected(f"too small: physical extent {' x '.join(f'{e:.1f}' for e in extent)} mm is below "
                        f"the minimum of {min_extent_mm:g} mm along at least one axis")
     values = sitk.GetArrayViewFromImage(image)
-    if values.dtype.kind == "f" and not np.isfinite(values).all():
-        nan = int(np.isnan(values).sum())
-        if nan:
-            raise Rejected(f"NaN voxels: {nan} of {values.size} voxels are NaN")
-        raise Rejected(f"infinite voxels: {int(np.isinf(values).sum())} of {values.size} voxels are +-inf")
+    reason = nonfinite_reason(values)
+    if reason:
+        raise Rejected(reason)
     low, high = values.min(), values.max()
     if low == high:
         raise Rejected(f"constant image: every voxel is {low.item()!r}")
+
+
+def nonfinite_reason(values: np.ndarray) -> Optional[str]:
+    """Why ``values`` are not all finite, or None."""
+    if values.dtype.kind != "f" or np.isfinite(values).all():
+        return None
+    nan = int(np.isnan(values).sum())
+    if nan:
+        return f"NaN voxels: {nan} of {values.size} voxels are NaN"
+    return f"infinite voxels: {int(np.isinf(values).sum())} of {values.size} voxels are +-inf"
+
+
+def nifti_nonfinite_problem(path: str) -> None:
+    """Reject NIfTI files holding NaN/inf, which ITK (and so nnU-Net) would silently read as 0."""
+    if not path.lower().endswith((".nii", ".nii.gz")):
+        return
+    import nibabel
+
+    try:
+        proxy = nibabel.load(path).dataobj
+        if np.dtype(proxy.dtype).kind != "f" and not getattr(proxy, "_has_scaling", False):
+            return  # integer voxels without scaling cannot be NaN or inf
+        reason = nonfinite_reason(np.asanyarray(proxy))
+    except Exception:  # nibabel cannot read it: ITK already did, so leave the decision to the other checks
+        return
+    if reason:
+        raise Rejected(reason)
 
 
 def mask_on_image_grid(path: str, image: sitk.Image, what: str) -> np.ndarray:

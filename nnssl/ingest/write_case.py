@@ -11,6 +11,7 @@ import SimpleITK as sitk
 
 from nnssl.ingest.discover import Source
 from nnssl.ingest.validate import (Rejected, check_image, geometry_mismatch, itk_message, mask_on_image_grid,
+                                   nifti_nonfinite_problem,
                                    placeholder_label, read_image)
 
 FILE_ENDING = ".nii.gz"
@@ -66,6 +67,7 @@ def write_case(task: CaseTask) -> None:
     source = task.source
     image = read_image(source.image)
     check_image(image, task.min_extent_mm)
+    nifti_nonfinite_problem(source.image)
     anatomy = None
     if source.anatomy_mask:
         anatomy = mask_on_image_grid(source.anatomy_mask, image, "anatomy mask")
