@@ -1,8 +1,8 @@
 """``nnsslPretrainTrainer``: the nnU-Net trainer lifecycle adapted to self-supervised pretraining.
 
 Subclasses only say how to build the pretraining model around the plans' network (``wrap_network``), how to compute
-the loss of a batch (``compute_loss``) and which part of the model is the transferable dna network
-(``transferable_network``). This base class provides what every method shares:
+the loss of a batch (``compute_loss``) and which weights are transferable
+(``transferable_state_dict``). This base class provides what every method shares:
 
 * the S3D optimisation recipe (SGD 1e-2, Nesterov 0.99, wd 3e-5, poly decay, clipping at 12, 1000 x 250 iterations);
 * bf16 autocast on CUDA (``use_fp16 = True`` switches to fp16 with a GradScaler), fp32 on CPU;
@@ -81,9 +81,12 @@ class nnsslPretrainTrainer(nnsslTrainerMixin, nnUNetTrainer):
     def compute_loss(self, batch: dict, train: bool) -> torch.Tensor:
         raise NotImplementedError
 
-    def transferable_network(self, model: nn.Module) -> nn.Module:
-        """The part of the (unwrapped) pretraining model whose state dict is exported as ``network_weights``."""
-        return model.network
+    def transferable_state_dict(self, model: nn.Module) -> Dict[str, torch.Tensor]:
+        """What the (unwrapped) pretraining model exports as ``network_weights``: plain dna keys only.
+
+        Methods whose decoder or heads are not meant for transfer (VoCo, AMAES) export ``encoder.*`` only.
+        """
+        return model.network.state_dict()
 
     def reconstruction_panels(self, batch: dict) -> Optional[Dict[str, np.ndarray]]:
         """Arrays for the periodic reconstruction PNG (None: the method has nothing to show)."""
@@ -258,7 +261,7 @@ class nnsslPretrainTrainer(nnsslTrainerMixin, nnUNetTrainer):
             return
         model = unwrap(self.network)
         checkpoint = {
-            "network_weights": self.transferable_network(model).state_dict(),
+            "network_weights": self.transferable_state_dict(model),
             "nnssl_pretraining_weights": model.state_dict(),
             "optimizer_state": self.optimizer.state_dict(),
             "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
