@@ -71,8 +71,10 @@ class S3DModel(nn.Module):
         for feature, token, conv in zip(features, self.mask_tokens, self.densify_convs):
             visible = upsample_mask(mask, feature.shape[2:])
             normalised = masked_instance_norm(feature, visible, eps=_DENSIFY_NORM_EPS)
-            # where() keeps the token in the graph even where nothing is masked: a zero gradient, never None.
-            filled = torch.where(visible > 0, normalised, token.to(normalised.dtype))
+            # normalised is exactly 0 where masked, so adding token * (1 - visible) fills in the token there and
+            # leaves visible voxels untouched; unlike where(), its backward passes the gradient of normalised through
+            # without a copy. The token stays in the graph even where nothing is masked: a zero gradient, never None.
+            filled = torch.addcmul(normalised, (1 - visible).to(normalised.dtype), token.to(normalised.dtype))
             densified.append(conv(filled))
         return densified
 

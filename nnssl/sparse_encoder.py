@@ -58,28 +58,64 @@ class MaskContext:
         return self._cache[key]
 
 
+def _channel_view(parameter: torch.Tensor | None, dtype: torch.dtype, dims: int) -> torch.Tensor | None:
+    """A per-channel affine parameter as (1, C, 1, ...) in the compute dtype, broadcastable against activations."""
+    return None if parameter is None else parameter.to(dtype).view((1, -1) + (1,) * dims)
+
+
+class _MaskedInstanceNormFunction(torch.autograd.Function):
+    """Masked InstanceNorm with a hand-written backward.
+
+    Autograd through the elementwise formulation records about a dozen full-size ops and keeps several float32
+    copies of the activation alive for backward; this keeps only the input (as nn.InstanceNorm does), reuses its
+    buffers in place and needs about half the memory passes in each direction. Moments are two-pass (mean first, then
+    the centred sum of squares) in float32 at least, so low-precision inputs lose nothing in the statistics.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, visible: torch.Tensor, weight: torch.Tensor | None,
+                bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+        dims = tuple(range(2, x.dim()))
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        m = visible.to(dtype)
+        count = m.sum(dim=dims, keepdim=True).clamp_min_(1.0)
+        mean = (x * m).sum(dim=dims, keepdim=True, dtype=dtype).div_(count)
+        centred = (x - mean).mul_(m)  # compute dtype by type promotion, 0 at masked voxels
+        var = torch.linalg.vector_norm(centred, dim=dims, keepdim=True).square_().div_(count)
+        rstd = var.add_(eps).rsqrt_()
+        w, b = _channel_view(weight, dtype, len(dims)), _channel_view(bias, dtype, len(dims))
+        out = centred.mul_(rstd if w is None else rstd * w)
+        if b is not None:
+            out.addcmul_(m, b)
+        ctx.save_for_backward(x, m, count, mean, rstd, weight)
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, m, count, mean, rstd, weight = ctx.saved_tensors
+        dims = tuple(range(2, x.dim()))
+        # out = m * (w * (x - mean) * rstd + b) with mean and rstd over visible voxels; c = (x - mean) * m:
+        # dx = k * (g - m * sum(g) / n - c * rstd^2 * sum(g * c) / n), k = w * rstd, g = grad_out * m
+        g = grad_out * m
+        c = (x - mean).mul_(m)
+        sum_g = g.sum(dim=dims, keepdim=True)
+        sum_gc = (g * c).sum(dim=dims, keepdim=True)
+        w = _channel_view(weight, m.dtype, len(dims))
+        k = rstd if w is None else rstd * w
+        grad_x = c.mul_(k * rstd.square() * sum_gc / -count).addcmul_(g, k).addcmul_(m, k * sum_g / -count)
+        grad_weight = (sum_gc * rstd).sum(0).flatten() if ctx.needs_input_grad[2] else None
+        grad_bias = sum_g.sum(0).flatten() if ctx.needs_input_grad[3] else None
+        return grad_x.to(x.dtype), None, grad_weight, grad_bias, None
+
+
 def masked_instance_norm(x: torch.Tensor, visible: torch.Tensor, weight: torch.Tensor | None = None,
                          bias: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
     """InstanceNorm with per-sample, per-channel moments over the visible voxels only; masked voxels come out 0.
 
-    Masked moments instead of gathering the visible voxels: no nonzero()/gather, no equal-count requirement, and
-    elementwise ops that torch.compile fuses. Computed in float32 (as autocast does for norms), returned in x's dtype.
+    Masked moments instead of gathering the visible voxels: no nonzero()/gather, no equal-count requirement.
+    Computed in float32 (as autocast does for norms), returned in x's dtype. ``visible`` is (B, 1, *spatial), 0/1.
     """
-    dims = tuple(range(2, x.dim()))
-    xf = x.float()
-    m = visible.float()
-    count = m.sum(dim=dims, keepdim=True).clamp_min(1.0)
-    mean = (xf * m).sum(dim=dims, keepdim=True) / count
-    centred = (xf - mean) * m
-    var = centred.square().sum(dim=dims, keepdim=True) / count
-    scale = torch.rsqrt(var + eps)
-    channel_shape = (1, -1) + (1,) * len(dims)
-    if weight is not None:
-        scale = scale * weight.float().view(channel_shape)
-    out = centred * scale
-    if bias is not None:
-        out = torch.addcmul(out, m, bias.float().view(channel_shape))
-    return out.to(x.dtype)
+    return _MaskedInstanceNormFunction.apply(x, visible, weight, bias, eps)
 
 
 class MaskedInstanceNorm3d(nn.InstanceNorm3d):
@@ -100,14 +136,17 @@ class MaskedInstanceNorm3d(nn.InstanceNorm3d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.context.active:
             return super().forward(x)
-        return masked_instance_norm(x, self.context.visible(x.shape[2:], x.dtype), self.weight, self.bias, self.eps)
+        return masked_instance_norm(x, self.context.visible(x.shape[2:]), self.weight, self.bias, self.eps)
 
 
-def _remask_output(context: MaskContext, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
-    """Forward hook: zero the op's output at masked positions of its OWN (output) resolution."""
-    if not context.active:
-        return None
-    return output * context.visible(output.shape[2:], output.dtype)
+def _remask_output(context: MaskContext, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+    """Forward hook: zero the op's output at masked positions of its OWN (output) resolution.
+
+    In place: convolution and pooling do not keep their output for backward, so this is autograd-safe and saves one
+    activation-sized allocation per op; the backward still multiplies the gradient by the mask.
+    """
+    if context.active:
+        output.mul_(context.visible(output.shape[2:], output.dtype))
 
 
 def _check_supported(encoder: nn.Module) -> None:

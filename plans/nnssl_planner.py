@@ -51,6 +51,12 @@ class nnsslPlanner(ExperimentPlanner):
     def batch_size(self) -> int:
         return positive_int_from_environment(BATCH_SIZE_VARIABLE, self.preset.batch_size)
 
+    def patch_size(self) -> List[int]:
+        return list(self.preset.patch_size)
+
+    def architecture(self) -> dict:
+        return self.preset.architecture()
+
     def fixed_configuration(self, spacing: np.ndarray, median_shape: np.ndarray) -> dict:
         resampling_data, resampling_data_kwargs, resampling_seg, resampling_seg_kwargs = self.determine_resampling()
         resampling_softmax, resampling_softmax_kwargs = self.determine_segmentation_softmax_export_fn()
@@ -60,7 +66,7 @@ class nnsslPlanner(ExperimentPlanner):
             "data_identifier": self.generate_data_identifier(CONFIGURATION),
             "preprocessor_name": self.preprocessor_name,
             "batch_size": self.batch_size(),
-            "patch_size": list(self.preset.patch_size),
+            "patch_size": self.patch_size(),
             "median_image_size_in_voxels": [float(i) for i in median_shape],
             "spacing": [float(i) for i in spacing],
             "normalization_schemes": normalization_schemes,
@@ -71,9 +77,13 @@ class nnsslPlanner(ExperimentPlanner):
             "resampling_fn_seg_kwargs": resampling_seg_kwargs,
             "resampling_fn_probabilities": resampling_softmax.__name__,
             "resampling_fn_probabilities_kwargs": resampling_softmax_kwargs,
-            "architecture": self.preset.architecture(),
+            "architecture": self.architecture(),
             "batch_dice": False,
         }
+
+    def extra_plans_fields(self) -> dict:
+        """Top-level plans entries that record where the plan came from (nnU-Net ignores unknown keys)."""
+        return {"nnssl_preset": self.preset.name}
 
     def plan_experiment(self) -> dict:
         transpose_forward, transpose_backward = self.determine_transpose()
@@ -95,8 +105,8 @@ class nnsslPlanner(ExperimentPlanner):
             "label_manager": "LabelManager",
             "foreground_intensity_properties_per_channel":
                 fingerprint["foreground_intensity_properties_per_channel"],
-            "nnssl_preset": self.preset.name,
         }
+        plans.update(self.extra_plans_fields())
         os.makedirs(join(nnUNet_preprocessed, self.dataset_name), exist_ok=True)
         shutil.copy(join(self.raw_dataset_folder, "dataset.json"),
                     join(nnUNet_preprocessed, self.dataset_name, "dataset.json"))

@@ -63,6 +63,9 @@ def test_s3d_pretraining_writes_transferable_checkpoint_and_resumes(nnunet_dirs,
     assert plan["architecture_plans"]["arch_class_name"] == "ResidualEncoderUNet"
     assert list(plan["pretrain_plan"]["configurations"]) == ["3d_fullres"]
     assert any("Revisiting MAE" in c for c in checkpoint["citations"])
+    # nnU-Net's development-branch nnssl integration reads checkpoints with weights_only=True
+    safe = torch.load(out / "checkpoint_final.pth", map_location="cpu", weights_only=True)
+    assert safe["nnssl_adaptation_plan"] == plan
 
     # resume a finished run for one more epoch (stock --c)
     run_command(train + ["--c"], extra_env={**SMOKE, "nnssl_num_epochs": "3"})

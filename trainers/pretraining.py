@@ -261,7 +261,8 @@ class nnsslPretrainTrainer(nnsslTrainerMixin, nnUNetTrainer):
             return
         model = unwrap(self.network)
         checkpoint = {
-            "network_weights": self.transferable_state_dict(model),
+            # on the CPU: nnU-Net's stock -pretrained_weights loads without map_location
+            "network_weights": {k: v.detach().cpu() for k, v in self.transferable_state_dict(model).items()},
             "nnssl_pretraining_weights": model.state_dict(),
             "optimizer_state": self.optimizer.state_dict(),
             "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,

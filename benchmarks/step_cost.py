@@ -1,0 +1,314 @@
+"""Cost of one training step: S3D sparse MAE vs dense MAE vs nnU-Net's supervised step, same network/patch/batch.
+
+Why: the sparse emulation (re-masking after every conv/pool, masked InstanceNorm, densification) must cost little
+over the dense step, and users need steps/s and FLOP/s to estimate pretraining time on their GPU.
+
+All three steps run the trainers' OWN code on a bare model (no dataset set-up): the S3D and MAE steps call
+``nnsslPretrainTrainer.train_step`` with ``S3DPretrainTrainer.compute_loss`` (mask sampling on the device, masked
+loss, backward, clipping, SGD step), the supervised step calls ``nnUNetTrainer.train_step`` with the loss from
+``nnUNetTrainer._build_loss`` (DC_and_CE + deep-supervision weights) on the network that
+``nnUNetTrainer.build_network_architecture`` builds from the same plans architecture (deep supervision on, 2 classes).
+The optimiser is ``nnUNetTrainer.configure_optimizers`` for all three. Precision is the same for all three: bf16
+autocast (nnU-Net's step inherits the dtype from an enclosing autocast) or, with ``--no-bf16`` on CUDA, fp16 autocast
+with a GradScaler, which is what nnU-Net does by default; the CPU runs fp32 unless ``--bf16`` is given.
+
+Usage: ``python benchmarks/step_cost.py --quick`` (tiny preset, 64^3, batch 2, CPU) or ``python benchmarks/step_cost.py``
+(ResEnc-L, 160^3, batch 6 on CUDA; batch 1 and fewer repeats on a CPU). Needs the installed package
+(``pip install --no-deps .``): the trainers and presets ship as ``nnssl.trainers`` / ``nnssl.plans``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, ContextManager
+
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.label_handling.label_handling import LabelManager
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from _common import (base_parser, peak_memory_bytes, per_round_ratios, print_ratio_lines, print_table, run_interleaved,
+                     summarize, timed)
+from nnssl.masking import BlockMaskSampler
+from nnssl.plans.presets import RESENC_L, RESENC_TINY, ResEncPreset
+from nnssl.reconstruction_loss import masked_reconstruction_loss
+from nnssl.trainers.pretraining import nnsslPretrainTrainer
+from nnssl.trainers.s3d import MAEPretrainTrainer, S3DPretrainTrainer
+
+PRESETS = {"tiny": RESENC_TINY, "resenc_l": RESENC_L}
+# Dense bf16 tensor-core peaks in TFLOP/s, matched as substrings of torch.cuda.get_device_name (first match wins).
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
+SUPERVISED_CLASSES = 2  # background + one foreground label: the smallest segmentation head
+CASES = ("supervised", "dense_mae", "s3d")
+
+
+class _Host:
+    """Carries the attributes the trainers' methods read, so the methods run unmodified on a bare model."""
+
+    configure_optimizers = nnUNetTrainer.configure_optimizers
+
+    def __init__(self, device: torch.device, configuration_manager: ConfigurationManager) -> None:
+        self.device = device
+        self.configuration_manager = configuration_manager
+        self.initial_lr = 1e-2
+        self.weight_decay = 3e-5
+        self.num_epochs = 1000
+        self.is_ddp = False
+        self.current_epoch = 0
+        self.network: nn.Module | None = None
+        self.optimizer = None
+        self.grad_scaler = None
+
+    def print_to_log_file(self, *args: object, **kwargs: object) -> None:
+        print(*args)
+
+
+class _SupervisedHost(_Host):
+    train_step = nnUNetTrainer.train_step
+    _build_loss = nnUNetTrainer._build_loss
+    _get_deep_supervision_scales = nnUNetTrainer._get_deep_supervision_scales
+    enable_deep_supervision = True
+
+    def __init__(self, device: torch.device, configuration_manager: ConfigurationManager, compile_: bool) -> None:
+        super().__init__(device, configuration_manager)
+        self.label_manager = LabelManager({"background": 0, "foreground": 1}, regions_class_order=None)
+        self._compile = compile_
+
+    def _do_i_compile(self) -> bool:
+        return self._compile
+
+
+class _PretrainHost(_Host):
+    train_step = nnsslPretrainTrainer.train_step
+    autocast = nnsslPretrainTrainer.autocast
+    build_network_architecture = nnsslPretrainTrainer.build_network_architecture
+    num_output_channels = nnsslPretrainTrainer.num_output_channels
+    _clip_gradients = nnsslPretrainTrainer._clip_gradients
+    _count_nonfinite_loss = nnsslPretrainTrainer._count_nonfinite_loss
+    gradient_clip_norm = nnsslPretrainTrainer.gradient_clip_norm
+    max_nonfinite_losses_per_epoch = nnsslPretrainTrainer.max_nonfinite_losses_per_epoch
+    compute_loss = S3DPretrainTrainer.compute_loss
+    _predict = S3DPretrainTrainer._predict
+    loss_region = S3DPretrainTrainer.loss_region
+    restrict_loss_to_anatomy = False
+    exclude_anonymised = False
+
+    def __init__(self, device: torch.device, configuration_manager: ConfigurationManager,
+                 wrap_network: Callable[[object, nn.Module], nn.Module], use_fp16: bool) -> None:
+        super().__init__(device, configuration_manager)
+        self._wrap = wrap_network
+        self.use_fp16 = use_fp16
+        self._nonfinite_losses_this_epoch = 0
+        self.mask_sampler = BlockMaskSampler(configuration_manager.patch_size, S3DPretrainTrainer.masking, seed=0)
+
+    def wrap_network(self, network: nn.Module) -> nn.Module:
+        return self._wrap(self, network)
+
+
+@dataclass
+class Settings:
+    preset: ResEncPreset
+    batch: int
+    repeats: int
+    warmup: int
+    device: torch.device
+    bf16: bool
+    channels_last: bool
+    compile: bool
+    peak_tflops: float | None
+    seed: int
+
+
+def configuration(preset: ResEncPreset, batch: int) -> ConfigurationManager:
+    """The plans configuration nnssl's planner writes for a preset (only the fields the steps read)."""
+    return ConfigurationManager({"architecture": preset.architecture(), "patch_size": list(preset.patch_size),
+                                 "batch_size": batch, "batch_dice": False})
+
+
+def build_host(case: str, settings: Settings, device: torch.device) -> _Host:
+    """A host with its network (seeded identically for every case) built by the trainer's own method."""
+    cm = configuration(settings.preset, settings.batch)
+    torch.manual_seed(settings.seed)
+    if case == "supervised":
+        host = _SupervisedHost(device, cm, settings.compile)
+        with torch.device(device):
+            network = nnUNetTrainer.build_network_architecture(None, cm, 1, SUPERVISED_CLASSES, True)
+    else:
+        trainer = S3DPretrainTrainer if case == "s3d" else MAEPretrainTrainer
+        host = _PretrainHost(device, cm, trainer.wrap_network, use_fp16=device.type == "cuda" and not settings.bf16)
+        with torch.device(device):
+            network = host.build_network_architecture(None, cm, 1, 1)
+    host.network = network.to(device)
+    if settings.channels_last:
+        host.network = host.network.to(memory_format=torch.channels_last_3d)
+    return host
+
+
+def make_batch(case: str, host: _Host, settings: Settings) -> dict:
+    """A CPU batch as the data loader delivers it (pinned on CUDA hosts), moved to the device inside the step."""
+    generator = torch.Generator().manual_seed(settings.seed)
+    data = torch.randn(settings.batch, 1, *settings.preset.patch_size, generator=generator)
+    if settings.channels_last:
+        data = data.contiguous(memory_format=torch.channels_last_3d)
+    if case == "supervised":
+        shapes = [[round(p * s) for p, s in zip(settings.preset.patch_size, scale)]
+                  for scale in host._get_deep_supervision_scales()]
+        target = [torch.randint(0, SUPERVISED_CLASSES, (settings.batch, 1, *shape), generator=generator,
+                                dtype=torch.int16) for shape in shapes]
+    else:
+        target = torch.ones(settings.batch, 1, *settings.preset.patch_size, dtype=torch.int16)  # ingest: all anatomy
+    if settings.device.type == "cuda":
+        data = data.pin_memory()
+        target = [t.pin_memory() for t in target] if isinstance(target, list) else target.pin_memory()
+    return {"data": data, "target": target}
+
+
+def outer_autocast(settings: Settings) -> ContextManager:
+    """bf16 for every step. On CUDA the pretraining trainer picks bf16 itself; nnU-Net's step opens
+    ``autocast(enabled=True)`` without a dtype, which inherits bf16 from this enclosing context."""
+    if settings.bf16:
+        return torch.autocast(settings.device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def prepare(case: str, settings: Settings) -> tuple[_Host, Callable[[], object]]:
+    host = build_host(case, settings, settings.device)
+    host.optimizer, _ = host.configure_optimizers()
+    if settings.compile:
+        host.network = torch.compile(host.network)
+    if case == "supervised":
+        host.loss = host._build_loss()
+        if settings.device.type == "cuda" and not settings.bf16:
+            host.grad_scaler = torch.amp.GradScaler("cuda")
+    elif host.use_fp16:
+        host.grad_scaler = torch.amp.GradScaler("cuda")
+    batch = make_batch(case, host, settings)
+
+    def step() -> object:
+        with outer_autocast(settings):
+            return host.train_step(batch)
+
+    return host, step
+
+
+def count_flops(case: str, preset: ResEncPreset, batch: int) -> int:
+    """Convolution/matmul FLOPs of forward + loss + backward, counted on the meta device (no compute, no memory)."""
+    settings = Settings(preset, batch, 0, 0, torch.device("meta"), False, False, False, None, 0)
+    meta = torch.device("meta")
+    host = build_host(case, settings, meta)
+    x = torch.empty(batch, 1, *preset.patch_size, device=meta)
+    with FlopCounterMode(display=False) as counter:
+        if case == "supervised":
+            loss_fn = host._build_loss()
+            outputs = host.network(x)
+            targets = [torch.zeros(o.shape[0], 1, *o.shape[2:], device=meta) for o in outputs]
+            loss = loss_fn(outputs, targets)
+        else:
+            mask = host.mask_sampler.sample(batch, "cpu").to(meta)
+            loss = masked_reconstruction_loss(host.network(x, mask), x, mask)
+        loss.backward()
+    return counter.get_total_flops()
+
+
+def device_peak_tflops(settings: Settings) -> float | None:
+    if settings.peak_tflops is not None:
+        return settings.peak_tflops
+    if settings.device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(settings.device)
+    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
+
+
+def measure(settings: Settings) -> dict[str, list[float]]:
+    """Times and memory of the three steps, printed as a table; returns the per-round headline ratios."""
+    steps = {}
+    for case in CASES:
+        _, step = prepare(case, settings)
+        for _ in range(settings.warmup):
+            step()
+        steps[case] = step
+    times = run_interleaved({case: partial(timed, steps[case], settings.device) for case in CASES}, settings.repeats)
+    memory = {case: peak_memory_bytes(steps[case], settings.device) for case in CASES}  # one extra step each
+    flops = {case: count_flops(case, settings.preset, settings.batch) for case in CASES}
+    peak = device_peak_tflops(settings)
+
+    rows = []
+    for case in CASES:
+        seconds = summarize(times[case])
+        vs_supervised = summarize(per_round_ratios(times[case], times["supervised"]))
+        achieved = flops[case] / seconds.median / 1e12
+        rows.append([case, seconds.format(1e3), vs_supervised.format(digits=3),
+                     f"{memory[case] / 2**20:.0f}", f"{flops[case] / settings.batch / 1e9:.1f}",
+                     f"{achieved:.3g}", f"{100 * achieved / peak:.1f}" if peak else "-"])
+    precision = "bf16 autocast" if settings.bf16 else ("fp16 autocast + GradScaler" if settings.device.type == "cuda"
+                                                       else "fp32")
+    print_table(f"Train step, {settings.preset.name} {'x'.join(map(str, settings.preset.patch_size))}, batch "
+                f"{settings.batch}, {settings.device}, {precision}"
+                f"{', channels-last' if settings.channels_last else ''}{', compiled' if settings.compile else ''}; "
+                f"{settings.repeats} interleaved rounds, median [min..max]",
+                ["step", "ms/step", "x supervised", "peak MiB", "GFLOP/sample", "TFLOP/s", "% of peak"], rows)
+    print(f"peak MiB: tensor memory above the level before the step ("
+          f"{'CUDA allocator' if settings.device.type == 'cuda' else 'torch profiler'}, one step); % of peak: of "
+          f"{f'{peak:g} TFLOP/s dense bf16' if peak else 'an unknown device peak (give --peak-tflops)'}")
+    return {
+        "s3d_step_vs_supervised_step": per_round_ratios(times["s3d"], times["supervised"]),
+        "s3d_step_vs_dense_mae_step": per_round_ratios(times["s3d"], times["dense_mae"]),
+        "dense_mae_step_vs_supervised_step": per_round_ratios(times["dense_mae"], times["supervised"]),
+        "s3d_peak_memory_vs_supervised": [memory["s3d"] / memory["supervised"]],
+    }
+
+
+def report_reference_flops() -> None:
+    """FLOPs per 160^3 ResEnc-L sample (the number behind pretraining-time estimates), counted, not assumed."""
+    rows = [[case, f"{count_flops(case, RESENC_L, 1) / 1e12:.2f}"] for case in CASES]
+    print_table("FLOP count per sample, ResEnc-L 160^3, forward + backward (torch FlopCounterMode: convolutions "
+                "and matmuls)", ["step", "TFLOP/sample"], rows)
+
+
+def parse_settings(argv: list[str] | None = None) -> Settings:
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: tiny with --quick, "
+                                                                                 "else resenc_l")
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--device", default=None, help="default: cpu with --quick, else cuda when available")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                        help="bf16 autocast (default on CUDA; --no-bf16 on CUDA = fp16 + GradScaler)")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the models (and nnU-Net's dice loss)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--peak-tflops", type=float, default=None, help="device's dense bf16 peak, for the "
+                                                                        "efficiency column")
+    args = parser.parse_args(argv)
+    if args.device is None:
+        args.device = "cpu" if args.quick or not torch.cuda.is_available() else "cuda"
+    device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    preset = PRESETS[args.preset or ("tiny" if args.quick else "resenc_l")]
+    on_cpu_full = device.type == "cpu" and not args.quick
+    batch = args.batch or (preset.batch_size if not on_cpu_full or preset is RESENC_TINY else 1)
+    repeats = args.repeats or (5 if args.quick else (3 if on_cpu_full else 20))
+    if on_cpu_full and preset is RESENC_L:
+        print(f"Note: full run on the CPU: batch {batch} (not the GPU batch {preset.batch_size}) and {repeats} "
+              f"rounds, to keep time and memory bounded.")
+    bf16 = args.bf16 if args.bf16 is not None else device.type == "cuda"
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as nnU-Net's run_training
+    return Settings(preset, batch, repeats, args.warmup, device, bf16, args.channels_last, args.compile,
+                    args.peak_tflops, args.seed)
+
+
+def main() -> None:
+    settings = parse_settings()
+    ratios = measure(settings)
+    report_reference_flops()
+    print_ratio_lines(ratios)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""``nnssl_prepare_finetune``: plan and preprocess a labeled nnU-Net dataset to match a pretraining checkpoint."""
+
+import argparse
+import os
+import sys
+from typing import List, Optional, Sequence
+
+NNUNET_FOLDERS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+
+
+def prepare_finetune(dataset_id: int, checkpoint_path: str, plans_name: str = "nnsslFinetunePlans",
+                     adaptation_mode: str = "like_pretrained", override_spacing: Optional[Sequence[float]] = None,
+                     num_processes: int = 4, num_processes_fingerprint: int = 4, preprocess: bool = True,
+                     verbose: bool = False) -> dict:
+    """Fingerprint (if needed), plan with ``nnsslFinetunePlanner`` and preprocess ``3d_fullres``; return the plans."""
+    missing = [v for v in NNUNET_FOLDERS[:2] if not os.environ.get(v)]
+    if missing:
+        raise RuntimeError(f"Environment variable(s) {', '.join(missing)} not set: nnssl_prepare_finetune reads the "
+                           f"labeled dataset from nnUNet_raw and writes plans and data to nnUNet_preprocessed.")
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset, preprocess_dataset
+
+    from nnssl.plans.finetune_planner import nnsslFinetunePlanner
+    from nnssl.transfer import PretrainedWeightsError, load_pretrained_checkpoint
+
+    checkpoint = load_pretrained_checkpoint(checkpoint_path)
+    if "nnssl_adaptation_plan" not in checkpoint:
+        raise PretrainedWeightsError(
+            f"{checkpoint_path} has no 'nnssl_adaptation_plan': it was not written by an nnssl pretraining trainer "
+            f"(or by nnssl). Use a pretraining checkpoint, or plan with nnsslPlanner and nnU-Net's -pretrained_weights.")
+    extract_fingerprint_dataset(dataset_id, num_processes=num_processes_fingerprint, clean=False, verbose=verbose)
+    planner = nnsslFinetunePlanner(dataset_id, checkpoint_path, checkpoint, adaptation_mode, override_spacing,
+                                   plans_name)
+    plans = planner.plan_experiment()
+    if preprocess:
+        preprocess_dataset(dataset_id, planner.plans_identifier, ["3d_fullres"], [num_processes], verbose=verbose)
+    return plans
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Plan and preprocess a labeled nnU-Net dataset (in nnUNet_raw) so that it matches a pretraining "
+                    "checkpoint: same architecture, patch and normalisation, spacing per adaptation mode. Then "
+                    "fine-tune with: nnUNetv2_train ID 3d_fullres FOLD -tr nnsslFinetuneTrainer -p PLANS_NAME")
+    parser.add_argument("-d", type=int, required=True, help="[REQUIRED] dataset ID of the labeled dataset")
+    parser.add_argument("-c", "--checkpoint", required=True,
+                        help="[REQUIRED] pretraining checkpoint (.pth with network_weights and nnssl_adaptation_plan:"
+                             " written by an nnssl pretraining trainer or by nnssl, e.g. the OpenMind checkpoints)")
+    parser.add_argument("-p", "--plans_name", default="nnsslFinetunePlans",
+                        help="plans name to write (default: nnsslFinetunePlans); also the data identifier prefix")
+    parser.add_argument("-am", "--adaptation_mode", default="like_pretrained",
+                        choices=["like_pretrained", "default_nnunet", "fixed", "no_resample"],
+                        help="target spacing: the pretraining one (default), nnU-Net's default for this dataset, "
+                             "a fixed one (-os), or no resampling")
+    parser.add_argument("-os", "--override_spacing", type=float, nargs=3, default=None,
+                        help="target spacing in mm (nnU-Net axis order) for -am fixed")
+    parser.add_argument("-np", type=int, default=4, help="processes for preprocessing (default 4)")
+    parser.add_argument("-npfp", type=int, default=4, help="processes for fingerprint extraction (default 4)")
+    parser.add_argument("--no_pp", action="store_true", help="only plan, do not preprocess")
+    parser.add_argument("--verbose", action="store_true")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from nnssl.transfer import PretrainedWeightsError
+
+    try:
+        plans = prepare_finetune(args.d, args.checkpoint, args.plans_name, args.adaptation_mode,
+                                 args.override_spacing, args.np, args.npfp, not args.no_pp, args.verbose)
+    except (PretrainedWeightsError, RuntimeError, ValueError) as error:
+        print(f"nnssl_prepare_finetune: {error}", file=sys.stderr)
+        return 1
+    config = plans["configurations"]["3d_fullres"]
+    print(f"Plans {plans['plans_name']} written for {plans['dataset_name']}: spacing {config['spacing']}, patch "
+          f"{config['patch_size']}, batch {config['batch_size']}. Fine-tune with:\n  nnUNetv2_train "
+          f"{args.d} 3d_fullres 0 -tr nnsslFinetuneTrainer -p {plans['plans_name']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""Loading pretrained stem/encoder (optionally decoder) weights into a downstream dna network.
+
+Rules (S3D fine-tuning; reference behaviour in nnssl-behaviour.md §3.3):
+* weights come from the checkpoint's ``network_weights``; wrapper prefixes (``module.``, ``_orig_mod.``) are
+  stripped, and nnU-Net's duplicate ``decoder.encoder.*`` keys are ignored;
+* dna registers every conv/norm twice (``.conv``/``.norm`` and ``.all_modules.0/1``); checkpoints written by
+  nnssl's Spark trainer hold untrained tensors under the first alias, so the ``all_modules`` tensors always win;
+* parts are selected by the adaptation plan's prefixes (``key_to_stem``, ``key_to_encoder``);
+* a one-channel pretrained stem is replicated over the downstream input channels and divided by their number;
+* anything missing or of the wrong shape is reported in ONE error listing every offending key and both shapes.
+"""
+
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from nnssl.adaptation_plan import KEY_TO_ENCODER, KEY_TO_STEM, KEYS_TO_IN_PROJ
+
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+ALIASES = ((".all_modules.0.", ".conv."), (".all_modules.1.", ".norm."))
+DECODER_PREFIX = "decoder."
+NOT_TRANSFERRED_DECODER_PREFIXES = ("decoder.encoder.", "decoder.seg_layers.")
+
+
+class PretrainedWeightsError(RuntimeError):
+    """A checkpoint that cannot be used: unreadable, wrong format, or not matching the network."""
+
+
+def load_pretrained_checkpoint(path: str) -> dict:
+    """Read a checkpoint onto the CPU (whatever device saved it) and check it carries ``network_weights``."""
+    if not os.path.isfile(path):
+        raise PretrainedWeightsError(f"Pretrained checkpoint {path} does not exist.")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:
+        raise PretrainedWeightsError(f"Pretrained checkpoint {path} cannot be read by torch.load: {error}") from None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("network_weights"), dict):
+        raise PretrainedWeightsError(f"{path} is not an nnU-Net/nnssl checkpoint: it has no 'network_weights' dict.")
+    return checkpoint
+
+
+def canonical_state_dict(network_weights: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Strip wrapper prefixes and make every ``.conv``/``.norm`` alias equal to its ``all_modules`` twin."""
+    state = {}
+    for key, value in network_weights.items():
+        for prefix in WRAPPER_PREFIXES:
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        state[key] = value
+    for key in list(state):
+        for trained, stale in ALIASES:
+            if trained in key:
+                state[key.replace(trained, stale)] = state[key]
+    return state
+
+
+def part_of(key: str, prefixes: Dict[str, str]) -> str:
+    """Which transfer part (``stem``, ``encoder``, ``decoder``) a state-dict key belongs to, or ``""``."""
+    for part, prefix in prefixes.items():
+        if part == "decoder":
+            if key.startswith(DECODER_PREFIX) and not key.startswith(NOT_TRANSFERRED_DECODER_PREFIXES):
+                return part
+        elif key.startswith(prefix + "."):
+            return part
+    return ""
+
+
+@dataclass
+class TransferReport:
+    """What was loaded per part, what was adapted, and what was skipped with the reason."""
+
+    loaded: Dict[str, int] = field(default_factory=dict)
+    adapted: List[str] = field(default_factory=list)
+    skipped: Dict[str, Tuple[int, str]] = field(default_factory=dict)
+
+    def lines(self) -> List[str]:
+        lines = [f"loaded {n} tensors into the {part}" for part, n in self.loaded.items()]
+        lines += [f"adapted {a}" for a in self.adapted]
+        lines += [f"skipped {n} checkpoint tensors: {what} ({why})" for what, (n, why) in self.skipped.items()]
+        return lines
+
+
+def replicate_input_channels(weight: torch.Tensor, num_channels: int) -> torch.Tensor:
+    """A stem conv weight pretrained on C channels, repeated to ``num_channels`` and divided by the repetition.
+
+    The response to identical images in every channel then equals the pretrained response.
+    """
+    pretrained_channels = weight.shape[1]
+    if num_channels % pretrained_channels:
+        raise PretrainedWeightsError(f"Cannot replicate a stem pretrained on {pretrained_channels} channels to "
+                                     f"{num_channels} input channels.")
+    repeats = num_channels // pretrained_channels
+    return weight.repeat(1, repeats, *([1] * (weight.dim() - 2))) / repeats
+
+
+def transfer_pretrained_weights(network: nn.Module, network_weights: Dict[str, torch.Tensor],
+                                adaptation_plan: dict, parts: Sequence[str] = ("stem", "encoder"),
+                                source: str = "checkpoint") -> TransferReport:
+    """Copy the selected parts of a pretrained state dict into ``network`` (in place) and report what happened."""
+    prefixes = {"stem": adaptation_plan.get("key_to_stem") or KEY_TO_STEM,
+                "encoder": adaptation_plan.get("key_to_encoder") or KEY_TO_ENCODER,
+                "decoder": DECODER_PREFIX}
+    prefixes = {part: prefixes[part] for part in parts}
+    in_proj = {k + ".weight" for k in (adaptation_plan.get("keys_to_in_proj") or KEYS_TO_IN_PROJ)}
+    pretrained = canonical_state_dict(network_weights)
+    target = network.state_dict()
+    report = TransferReport()
+    new_values, problems, loaded_storages = {}, [], {}
+    for key, tensor in target.items():
+        part = part_of(key, prefixes)
+        if not part:
+            continue
+        value = pretrained.get(key)
+        if value is None:
+            problems.append(f"  {key}: missing in the {source} (network expects {tuple(tensor.shape)})")
+            continue
+        if key in in_proj and value.shape != tensor.shape and value.shape[0] == tensor.shape[0] \
+                and value.shape[2:] == tensor.shape[2:]:
+            value = replicate_input_channels(value, tensor.shape[1])
+            report.adapted.append(f"{key}: replicated {tuple(pretrained[key].shape)} -> {tuple(tensor.shape)} "
+                                  f"over the input channels (divided by {tensor.shape[1] // pretrained[key].shape[1]})")
+        if value.shape != tensor.shape:
+            problems.append(f"  {key}: {source} {tuple(value.shape)} vs network {tuple(tensor.shape)}")
+            continue
+        new_values[key] = value.to(dtype=tensor.dtype)
+        loaded_storages.setdefault(part, set()).add(tensor.data_ptr())  # dna aliases share one tensor
+    report.loaded = {part: len(storages) for part, storages in loaded_storages.items()}
+    if problems:
+        raise PretrainedWeightsError(f"The pretrained weights do not match the network ({len(problems)} "
+                                     f"tensors of {', '.join(parts)}):\n" + "\n".join(problems))
+    missing_parts = [p for p in parts if not report.loaded.get(p)]
+    if missing_parts:
+        raise PretrainedWeightsError(f"The network has no tensors under {missing_parts} "
+                                     f"(prefixes {[prefixes[p] for p in missing_parts]}).")
+    network.load_state_dict(new_values, strict=False)
+    report.skipped = skipped_summary(pretrained, prefixes)
+    return report
+
+
+def skipped_summary(pretrained: Dict[str, torch.Tensor], prefixes: Dict[str, str]) -> Dict[str, Tuple[int, str]]:
+    """Group the checkpoint tensors that were not transferred, with the reason for each group."""
+    reasons = {
+        "decoder.encoder.*": "nnU-Net's duplicate references to the encoder",
+        "decoder.seg_layers.*": "output heads are task specific and always start fresh",
+        "decoder.*": "decoder not transferred (fresh decoder; use the _encdec trainer to transfer it)",
+        "other": "not part of the downstream network",
+    }
+    counts: Dict[str, int] = {}
+    for key in pretrained:
+        if part_of(key, prefixes):
+            continue
+        if key.startswith("decoder.encoder."):
+            group = "decoder.encoder.*"
+        elif key.startswith("decoder.seg_layers."):
+            group = "decoder.seg_layers.*"
+        elif key.startswith(DECODER_PREFIX):
+            group = "decoder.*"
+        else:
+            group = "other"
+        counts[group] = counts.get(group, 0) + 1
+    return {group: (n, reasons[group]) for group, n in counts.items()}

@@ -1,0 +1,124 @@
+"""Fine-tuning: nnssl_prepare_finetune, the warm-up trainers, loading rules and prediction (tiny preset, CPU)."""
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from conftest import run_command, write_labeled_dataset
+
+SMOKE_3 = {"nnssl_num_epochs": "3", "nnssl_iterations_per_epoch": "2", "nnssl_val_iterations_per_epoch": "1"}
+
+
+def tiny_plans_architecture() -> dict:
+    from nnssl.plans.presets import RESENC_TINY
+
+    return RESENC_TINY.architecture()
+
+
+def write_nnssl_layout_checkpoint(path, seed: int = 0) -> dict:
+    """A checkpoint in nnssl's documented layout: Spark-style stale .conv/.norm aliases, a wrapper prefix, the
+    adaptation plan with an 'onemmiso' pretraining configuration, citations."""
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    torch.manual_seed(seed)
+    arch = tiny_plans_architecture()
+    network = get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"],
+                                     1, 1, deep_supervision=False)
+    weights = {}
+    for key, value in network.state_dict().items():
+        stale = ".conv." in key or ".norm." in key
+        weights["_orig_mod." + key] = torch.randn_like(value) if stale else value.clone()
+    checkpoint = {
+        "network_weights": weights,
+        "trainer_name": "BaseVariableSparkMAETrainer",
+        "citations": ["nnssl layout test citation"],
+        "nnssl_adaptation_plan": {
+            "architecture_plans": {"arch_class_name": "ResidualEncoderUNet", "arch_kwargs": arch["arch_kwargs"],
+                                   "arch_kwargs_requiring_import": arch["_kw_requires_import"]},
+            "pretrain_plan": {"configurations": {"onemmiso": {
+                "spacing": [1.0, 1.0, 1.0], "patch_size": [64, 64, 64],
+                "normalization_schemes": ["ZScoreNormalization"]}}},
+            "pretrain_num_input_channels": 1,
+            "recommended_downstream_patchsize": [64, 64, 64],
+            "key_to_encoder": "encoder.stages",
+            "key_to_stem": "encoder.stem",
+            "keys_to_in_proj": ["encoder.stem.convs.0.conv", "encoder.stem.convs.0.all_modules.0"],
+            "key_to_lpe": None,
+        },
+    }
+    torch.save(checkpoint, path)
+    return network.state_dict()
+
+
+def prepared_two_channel_dataset(nnunet_dirs, tmp_path):
+    folder = write_labeled_dataset(nnunet_dirs["nnUNet_raw"], 41, "Down", shapes=[(36, 40, 38)] * 5,
+                                   spacings=[(1.5, 1.0, 1.0), (1.0, 1.2, 1.0), (1.0, 1.0, 0.8), (1.2, 1.2, 1.2),
+                                             (1.0, 1.0, 1.0)], num_channels=2)
+    checkpoint = tmp_path / "nnssl_layout.pth"
+    trained = write_nnssl_layout_checkpoint(checkpoint)
+    run_command(["nnssl_prepare_finetune", "-d", 41, "-c", checkpoint, "-np", 1, "-npfp", 1])
+    return folder, checkpoint, trained
+
+
+def test_prepare_and_warmup_stages_from_an_nnssl_layout_checkpoint(nnunet_dirs, tmp_path, monkeypatch):
+    folder, checkpoint, trained = prepared_two_channel_dataset(nnunet_dirs, tmp_path)
+    plans = json.loads((nnunet_dirs["nnUNet_preprocessed"] / folder.name / "nnsslFinetunePlans.json").read_text())
+    config = plans["configurations"]["3d_fullres"]
+    assert config["architecture"] == tiny_plans_architecture()
+    assert config["spacing"] == [1.0, 1.0, 1.0] and config["patch_size"] == [64, 64, 64]
+    assert config["data_identifier"] == "nnsslFinetunePlans_3d_fullres"
+    assert plans["nnssl_pretrained"]["checkpoint"] == str(checkpoint)
+    assert (nnunet_dirs["nnUNet_preprocessed"] / folder.name / "nnsslFinetunePlans_3d_fullres" / "case000.b2nd").exists()
+    # the foundation planner on the downstream dataset gives the identical architecture
+    run_command(["nnUNetv2_plan_experiment", "-d", 41, "-pl", "nnsslPlannerTiny"])
+    tiny = json.loads((nnunet_dirs["nnUNet_preprocessed"] / folder.name / "nnsslPlansTiny.json").read_text())
+    assert tiny["configurations"]["3d_fullres"]["architecture"] == config["architecture"]
+
+    # in-process: per-iteration LR, encoder (with replicated stem) bit-identical through stage 1, then learning
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
+    for variable, value in SMOKE_3.items():
+        monkeypatch.setenv(variable, value)
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    trainer = get_trainer_from_args("41", "3d_fullres", 0, "nnsslFinetuneTrainer", "nnsslFinetunePlans",
+                                    device=torch.device("cpu"))
+    trainer.on_train_start()
+    network = trainer.network
+    stem = network.encoder.stem.convs[0].conv.weight
+    assert torch.allclose(stem, trained["encoder.stem.convs.0.all_modules.0.weight"].repeat(1, 2, 1, 1, 1) / 2)
+    encoder_before = {k: v.clone() for k, v in network.encoder.state_dict().items()}
+    decoder_before = {k: v.clone() for k, v in network.decoder.stages.state_dict().items()}
+    lrs = []
+    for epoch in range(3):
+        trainer.on_train_epoch_start()
+        for _ in range(2):
+            trainer.train_step(next(trainer.dataloader_train))
+            lrs.append({g["nnssl_part"]: g["lr"] for g in trainer.optimizer.param_groups})
+        if epoch == 0:
+            assert all(torch.equal(v, encoder_before[k]) for k, v in network.encoder.state_dict().items())
+            assert any(not torch.equal(v, decoder_before[k]) for k, v in network.decoder.stages.state_dict().items())
+        trainer.current_epoch += 1
+    assert any(not torch.equal(v, encoder_before[k]) for k, v in network.encoder.state_dict().items())
+    expected = [(1e-3 * 1 / 2, 0.0), (1e-3, 0.0), (1e-3 / 2, 1e-3 / 2), (1e-3, 1e-3), (1e-3, 1e-3),
+                (1e-3 * 0.5 ** 0.9, 1e-3 * 0.5 ** 0.9)]
+    assert [(round(d["decoder"], 9), round(d["encoder"], 9)) for d in lrs] == \
+        [(round(a, 9), round(b, 9)) for a, b in expected]
+    trainer.on_train_end()
+
+
+def test_bad_checkpoints_give_clear_errors(nnunet_dirs, tmp_path):
+    write_labeled_dataset(nnunet_dirs["nnUNet_raw"], 42, "Bad", shapes=[(20, 20, 20)] * 2,
+                          spacings=[(1.0, 1.0, 1.0)] * 2)
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    result = run_command(["nnssl_prepare_finetune", "-d", 42, "-c", garbage], check=False)
+    assert result.returncode == 1 and f"{garbage} cannot be read by torch.load" in result.stderr
+    no_plan = tmp_path / "no_plan.pth"
+    torch.save({"network_weights": {}}, no_plan)
+    result = run_command(["nnssl_prepare_finetune", "-d", 42, "-c", no_plan], check=False)
+    assert result.returncode == 1 and "has no 'nnssl_adaptation_plan'" in result.stderr
+    result = run_command(["nnssl_prepare_finetune", "-d", 42, "-c", tmp_path / "missing.pth"], check=False)
+    assert "does not exist" in result.stderr

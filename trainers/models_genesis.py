@@ -1,0 +1,72 @@
+"""``ModelsGenesisPretrainTrainer``: restore the clean patch from its Models Genesis corruption, MSE over the patch.
+
+Run as ``nnUNetv2_train ID 3d_fullres all -tr ModelsGenesisPretrainTrainer -p nnsslPlans``. The corruption (see
+``nnssl.models_genesis``) runs per sample in nnU-Net's augmentation workers, for training and validation alike (as
+the reference); the batch's ``data`` is the corrupted patch and its ``target`` the clean one. The network is the
+plans' dna U-Net with one linear output channel per input channel; ``network_weights`` is that whole U-Net under
+standard dna keys, of which fine-tuning transfers the stem and encoder.
+"""
+
+from typing import Dict, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from nnssl import citations
+from nnssl.models_genesis import MODELS_GENESIS_CITATION, ModelsGenesisTransform, restoration_loss
+from nnssl.trainers.pretraining import nnsslPretrainTrainer
+from nnssl.trainers.variants import define_epoch_variants
+
+
+class PatchPretextTrainer(nnsslPretrainTrainer):
+    """Base of pretext tasks solved by the plain dna U-Net on random crops of exactly the patch size.
+
+    Models Genesis and VolumeFusion use no spatial augmentation in the reference, so the loader crops the patch
+    size directly instead of the larger rotation margin. The pretraining model is the dna network itself.
+    """
+
+    def wrap_network(self, network: nn.Module) -> nn.Module:
+        return network
+
+    def transferable_state_dict(self, model: nn.Module) -> Dict[str, torch.Tensor]:
+        return model.state_dict()
+
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        rotation, dummy_2d, _, mirror_axes = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        return rotation, dummy_2d, tuple(self.configuration_manager.patch_size), mirror_axes
+
+
+class ModelsGenesisPretrainTrainer(PatchPretextTrainer):
+    citations = citations.PRETRAINING_BASE + (MODELS_GENESIS_CITATION,)
+
+    @staticmethod
+    def get_training_transforms(patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes,
+                                do_dummy_2d_data_aug, use_mask_for_norm=None, is_cascaded=False,
+                                foreground_labels=None, regions=None, ignore_label=None):
+        return ModelsGenesisTransform()
+
+    @staticmethod
+    def get_validation_transforms(deep_supervision_scales, is_cascaded=False, foreground_labels=None,
+                                  regions=None, ignore_label=None):
+        return ModelsGenesisTransform()
+
+    def _restore(self, batch: dict) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        corrupted = batch["data"].to(self.device, non_blocking=True)
+        clean = batch["target"].to(self.device, non_blocking=True)
+        return corrupted, clean, self.network(corrupted)
+
+    def compute_loss(self, batch: dict, train: bool) -> torch.Tensor:
+        _, clean, restored = self._restore(batch)
+        return restoration_loss(restored, clean)
+
+    def reconstruction_panels(self, batch: dict) -> Dict[str, np.ndarray]:
+        corrupted, clean, restored = self._restore(batch)
+        return {
+            "target (clean patch)": clean[0, 0].float().cpu().numpy(),
+            "input (corrupted)": corrupted[0, 0].float().cpu().numpy(),
+            "restoration": restored[0, 0].float().cpu().numpy(),
+        }
+
+
+define_epoch_variants(ModelsGenesisPretrainTrainer, globals())
