@@ -1,13 +1,18 @@
-"""Measurement helpers shared by the benchmark scripts: interleaved repeats, robust statistics, tables, ratio lines.
+"""Helpers shared by the benchmark scripts: interleaved repeats, robust statistics, tables, ratio lines, trainer hosts.
 
 The benchmarks run on shared, noisy machines, so every script measures its baseline in the same run and the cases
 are interleaved round by round (A, B, C, A, B, C, ...): a load spike then hits all cases of a round alike, and the
 per-round ratios are far more stable than ratios of separately measured medians.
+
+What is measured is the trainers' own code: a ``TrainerHost`` subclass borrows trainer methods as class attributes
+and carries just the attributes they read, so the methods run unmodified without nnU-Net's dataset and plans files
+(if a trainer starts reading more, the benchmark fails loudly with an AttributeError instead of measuring a copy).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 from contextlib import contextmanager
@@ -15,7 +20,10 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch.profiler import ProfilerActivity, profile
+
+from nnssl.plans.presets import ResEncPreset
 
 
 @dataclass(frozen=True)
@@ -27,8 +35,16 @@ class Summary:
     high: float
     n: int
 
-    def format(self, scale: float = 1.0, digits: int = 3) -> str:
-        return (f"{self.median * scale:.{digits}g} [{self.low * scale:.{digits}g}..{self.high * scale:.{digits}g}]")
+    def format(self, scale: float = 1.0) -> str:
+        return f"{significant(self.median * scale)} [{significant(self.low * scale)}..{significant(self.high * scale)}]"
+
+
+def significant(value: float, digits: int = 3) -> str:
+    """``digits`` significant digits in plain notation (1234 -> '1234', 0.01234 -> '0.0123')."""
+    if value == 0 or not math.isfinite(value):
+        return f"{value:g}"
+    decimals = max(0, digits - 1 - math.floor(math.log10(abs(value))))
+    return f"{value:.{decimals}f}"
 
 
 def summarize(values: Sequence[float]) -> Summary:
@@ -88,6 +104,24 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
         level += change
         peak = max(peak, level)
     return peak
+
+
+class TrainerHost:
+    """Stands in for a trainer instance; subclasses borrow the trainer methods they need."""
+
+    def __init__(self, configuration_manager: ConfigurationManager) -> None:
+        self.configuration_manager = configuration_manager
+
+    def print_to_log_file(self, *args: object, **kwargs: object) -> None:
+        """Trainers log set-up details; a benchmark prints its own table instead."""
+
+
+def preset_configuration(preset: ResEncPreset, patch_size: Sequence[int] | None = None,
+                         batch_size: int | None = None) -> ConfigurationManager:
+    """The plans configuration nnssl's planner writes for a preset (the fields the trainer methods read)."""
+    return ConfigurationManager({"architecture": preset.architecture(),
+                                 "patch_size": list(patch_size or preset.patch_size),
+                                 "batch_size": batch_size or preset.batch_size, "batch_dice": False})
 
 
 def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:

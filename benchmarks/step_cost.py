@@ -32,8 +32,8 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from _common import (base_parser, peak_memory_bytes, per_round_ratios, print_ratio_lines, print_table, run_interleaved,
-                     summarize, timed)
+from _common import (TrainerHost, base_parser, peak_memory_bytes, per_round_ratios, preset_configuration,
+                     print_ratio_lines, print_table, run_interleaved, summarize, timed)
 from nnssl.masking import BlockMaskSampler
 from nnssl.plans.presets import RESENC_L, RESENC_TINY, ResEncPreset
 from nnssl.reconstruction_loss import masked_reconstruction_loss
@@ -47,14 +47,14 @@ SUPERVISED_CLASSES = 2  # background + one foreground label: the smallest segmen
 CASES = ("supervised", "dense_mae", "s3d")
 
 
-class _Host:
-    """Carries the attributes the trainers' methods read, so the methods run unmodified on a bare model."""
+class _Host(TrainerHost):
+    """A bare model plus what the trainers' step methods read (nnUNetTrainer's optimiser settings)."""
 
     configure_optimizers = nnUNetTrainer.configure_optimizers
 
     def __init__(self, device: torch.device, configuration_manager: ConfigurationManager) -> None:
+        super().__init__(configuration_manager)
         self.device = device
-        self.configuration_manager = configuration_manager
         self.initial_lr = 1e-2
         self.weight_decay = 3e-5
         self.num_epochs = 1000
@@ -63,9 +63,6 @@ class _Host:
         self.network: nn.Module | None = None
         self.optimizer = None
         self.grad_scaler = None
-
-    def print_to_log_file(self, *args: object, **kwargs: object) -> None:
-        print(*args)
 
 
 class _SupervisedHost(_Host):
@@ -84,6 +81,8 @@ class _SupervisedHost(_Host):
 
 
 class _PretrainHost(_Host):
+    """nnsslPretrainTrainer's step with S3DPretrainTrainer's loss; subclasses pick the model (``wrap_network``)."""
+
     train_step = nnsslPretrainTrainer.train_step
     autocast = nnsslPretrainTrainer.autocast
     build_network_architecture = nnsslPretrainTrainer.build_network_architecture
@@ -95,52 +94,51 @@ class _PretrainHost(_Host):
     compute_loss = S3DPretrainTrainer.compute_loss
     _predict = S3DPretrainTrainer._predict
     loss_region = S3DPretrainTrainer.loss_region
-    restrict_loss_to_anatomy = False
+    masking = S3DPretrainTrainer.masking
+    restrict_loss_to_anatomy = False  # ingest without anonymisation masks: the loss reads no region map
     exclude_anonymised = False
 
-    def __init__(self, device: torch.device, configuration_manager: ConfigurationManager,
-                 wrap_network: Callable[[object, nn.Module], nn.Module], use_fp16: bool) -> None:
+    def __init__(self, device: torch.device, configuration_manager: ConfigurationManager, use_fp16: bool) -> None:
         super().__init__(device, configuration_manager)
-        self._wrap = wrap_network
         self.use_fp16 = use_fp16
         self._nonfinite_losses_this_epoch = 0
-        self.mask_sampler = BlockMaskSampler(configuration_manager.patch_size, S3DPretrainTrainer.masking, seed=0)
+        self.mask_sampler = BlockMaskSampler(configuration_manager.patch_size, self.masking, seed=0)
 
-    def wrap_network(self, network: nn.Module) -> nn.Module:
-        return self._wrap(self, network)
+
+class _S3DHost(_PretrainHost):
+    wrap_network = S3DPretrainTrainer.wrap_network
+
+
+class _DenseMAEHost(_PretrainHost):
+    masking = MAEPretrainTrainer.masking
+    wrap_network = MAEPretrainTrainer.wrap_network
 
 
 @dataclass
 class Settings:
     preset: ResEncPreset
     batch: int
-    repeats: int
-    warmup: int
     device: torch.device
-    bf16: bool
-    channels_last: bool
-    compile: bool
-    peak_tflops: float | None
-    seed: int
-
-
-def configuration(preset: ResEncPreset, batch: int) -> ConfigurationManager:
-    """The plans configuration nnssl's planner writes for a preset (only the fields the steps read)."""
-    return ConfigurationManager({"architecture": preset.architecture(), "patch_size": list(preset.patch_size),
-                                 "batch_size": batch, "batch_dice": False})
+    repeats: int = 5
+    warmup: int = 2
+    bf16: bool = False
+    channels_last: bool = False
+    compile: bool = False
+    peak_tflops: float | None = None
+    seed: int = 0
 
 
 def build_host(case: str, settings: Settings, device: torch.device) -> _Host:
     """A host with its network (seeded identically for every case) built by the trainer's own method."""
-    cm = configuration(settings.preset, settings.batch)
+    cm = preset_configuration(settings.preset, batch_size=settings.batch)
     torch.manual_seed(settings.seed)
     if case == "supervised":
         host = _SupervisedHost(device, cm, settings.compile)
         with torch.device(device):
             network = nnUNetTrainer.build_network_architecture(None, cm, 1, SUPERVISED_CLASSES, True)
     else:
-        trainer = S3DPretrainTrainer if case == "s3d" else MAEPretrainTrainer
-        host = _PretrainHost(device, cm, trainer.wrap_network, use_fp16=device.type == "cuda" and not settings.bf16)
+        host_class = _S3DHost if case == "s3d" else _DenseMAEHost
+        host = host_class(device, cm, use_fp16=device.type == "cuda" and not settings.bf16)
         with torch.device(device):
             network = host.build_network_architecture(None, cm, 1, 1)
     host.network = network.to(device)
@@ -198,9 +196,8 @@ def prepare(case: str, settings: Settings) -> tuple[_Host, Callable[[], object]]
 
 def count_flops(case: str, preset: ResEncPreset, batch: int) -> int:
     """Convolution/matmul FLOPs of forward + loss + backward, counted on the meta device (no compute, no memory)."""
-    settings = Settings(preset, batch, 0, 0, torch.device("meta"), False, False, False, None, 0)
     meta = torch.device("meta")
-    host = build_host(case, settings, meta)
+    host = build_host(case, Settings(preset, batch, meta), meta)
     x = torch.empty(batch, 1, *preset.patch_size, device=meta)
     with FlopCounterMode(display=False) as counter:
         if case == "supervised":
@@ -242,13 +239,14 @@ def measure(settings: Settings) -> dict[str, list[float]]:
         seconds = summarize(times[case])
         vs_supervised = summarize(per_round_ratios(times[case], times["supervised"]))
         achieved = flops[case] / seconds.median / 1e12
-        rows.append([case, seconds.format(1e3), vs_supervised.format(digits=3),
+        rows.append([case, seconds.format(1e3), vs_supervised.format(),
                      f"{memory[case] / 2**20:.0f}", f"{flops[case] / settings.batch / 1e9:.1f}",
                      f"{achieved:.3g}", f"{100 * achieved / peak:.1f}" if peak else "-"])
     precision = "bf16 autocast" if settings.bf16 else ("fp16 autocast + GradScaler" if settings.device.type == "cuda"
                                                        else "fp32")
+    threads = f" ({torch.get_num_threads()} threads)" if settings.device.type == "cpu" else ""
     print_table(f"Train step, {settings.preset.name} {'x'.join(map(str, settings.preset.patch_size))}, batch "
-                f"{settings.batch}, {settings.device}, {precision}"
+                f"{settings.batch}, {settings.device}{threads}, {precision}"
                 f"{', channels-last' if settings.channels_last else ''}{', compiled' if settings.compile else ''}; "
                 f"{settings.repeats} interleaved rounds, median [min..max]",
                 ["step", "ms/step", "x supervised", "peak MiB", "GFLOP/sample", "TFLOP/s", "% of peak"], rows)
@@ -281,6 +279,9 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile the models (and nnU-Net's dice loss)")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU intra-op threads (default: 1 with --quick, where other processes share the cores "
+                             "and competing OpenMP threads make timings erratic; else torch's default)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device's dense bf16 peak, for the "
                                                                         "efficiency column")
     args = parser.parse_args(argv)
@@ -299,7 +300,10 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
     bf16 = args.bf16 if args.bf16 is not None else device.type == "cuda"
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as nnU-Net's run_training
-    return Settings(preset, batch, repeats, args.warmup, device, bf16, args.channels_last, args.compile,
+    threads = args.threads or (1 if args.quick else None)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return Settings(preset, batch, device, repeats, args.warmup, bf16, args.channels_last, args.compile,
                     args.peak_tflops, args.seed)
 
 

@@ -49,7 +49,8 @@ class MaskContext:
         self._cache = {}
 
     def visible(self, spatial_shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """(B, 1, *spatial_shape) visible mask in ``dtype`` (the activation dtype, so products do not up-cast)."""
+        """(B, 1, *spatial_shape) visible mask in ``dtype``: the activation dtype for re-masking (no up-cast), float32
+        for norm statistics. Cached per forward, so each resolution is up-sampled once per dtype."""
         if self._grid_mask is None:
             raise RuntimeError("MaskContext.visible() called outside a masked forward.")
         key = (tuple(int(s) for s in spatial_shape), dtype)
@@ -79,7 +80,8 @@ class _MaskedInstanceNormFunction(torch.autograd.Function):
         dtype = torch.promote_types(x.dtype, torch.float32)
         m = visible.to(dtype)
         count = m.sum(dim=dims, keepdim=True).clamp_min_(1.0)
-        mean = (x * m).sum(dim=dims, keepdim=True, dtype=dtype).div_(count)
+        # x * mask is exact in x's own dtype (the mask is 0/1): no float32 copy of a low-precision activation
+        mean = (x * m.to(x.dtype)).sum(dim=dims, keepdim=True, dtype=dtype).div_(count)
         centred = (x - mean).mul_(m)  # compute dtype by type promotion, 0 at masked voxels
         var = torch.linalg.vector_norm(centred, dim=dims, keepdim=True).square_().div_(count)
         rstd = var.add_(eps).rsqrt_()
@@ -96,9 +98,9 @@ class _MaskedInstanceNormFunction(torch.autograd.Function):
         dims = tuple(range(2, x.dim()))
         # out = m * (w * (x - mean) * rstd + b) with mean and rstd over visible voxels; c = (x - mean) * m:
         # dx = k * (g - m * sum(g) / n - c * rstd^2 * sum(g * c) / n), k = w * rstd, g = grad_out * m
-        g = grad_out * m
+        g = grad_out * m.to(grad_out.dtype)  # exact in the gradient's dtype
         c = (x - mean).mul_(m)
-        sum_g = g.sum(dim=dims, keepdim=True)
+        sum_g = g.sum(dim=dims, keepdim=True, dtype=m.dtype)
         sum_gc = (g * c).sum(dim=dims, keepdim=True)
         w = _channel_view(weight, m.dtype, len(dims))
         k = rstd if w is None else rstd * w
@@ -112,8 +114,9 @@ def masked_instance_norm(x: torch.Tensor, visible: torch.Tensor, weight: torch.T
                          bias: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
     """InstanceNorm with per-sample, per-channel moments over the visible voxels only; masked voxels come out 0.
 
-    Masked moments instead of gathering the visible voxels: no nonzero()/gather, no equal-count requirement.
-    Computed in float32 (as autocast does for norms), returned in x's dtype. ``visible`` is (B, 1, *spatial), 0/1.
+    Masked moments instead of gathering the visible voxels: no nonzero()/gather, no equal-count requirement, and
+    plain elementwise ops and reductions that torch.compile fuses. Statistics in float32 (or x's dtype if wider),
+    output in x's dtype. ``visible`` is (B, 1, *spatial), 0/1.
     """
     return _MaskedInstanceNormFunction.apply(x, visible, weight, bias, eps)
 

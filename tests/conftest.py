@@ -74,3 +74,56 @@ def write_labeled_dataset(raw_dir: Path, dataset_id: int, name: str, shapes, spa
     }
     (folder / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
     return folder
+
+
+SMOKE_PRETRAINING = {"nnssl_num_epochs": "1", "nnssl_iterations_per_epoch": "2", "nnssl_val_iterations_per_epoch": "1"}
+TINY_DATASET_ID, TINY_DATASET = 31, "Dataset031_Pre"
+
+
+@pytest.fixture(scope="session")
+def _shared_tiny_dataset(tmp_path_factory) -> Dict[str, Path]:
+    """One tiny dataset planned and preprocessed with nnsslPlannerTiny, shared by every pretraining-trainer test
+    (each trainer writes to its own results folder, so the runs do not interfere)."""
+    root = tmp_path_factory.mktemp("tiny_pretraining")
+    dirs = {variable: root / variable for variable in NNUNET_VARIABLES}
+    for folder in dirs.values():
+        folder.mkdir()
+    write_labeled_dataset(dirs["nnUNet_raw"], TINY_DATASET_ID, "Pre", shapes=[(40, 44, 38), (36, 40, 42)],
+                          spacings=[(1.2, 1.0, 1.0), (1.0, 1.1, 0.9)])
+    run_command(["nnUNetv2_plan_and_preprocess", "-d", TINY_DATASET_ID, "-pl", "nnsslPlannerTiny", "-c",
+                 "3d_fullres", "-np", 1, "-npfp", 1, "--no_pbar"],
+                extra_env={variable: str(folder) for variable, folder in dirs.items()})
+    return dirs
+
+
+@pytest.fixture
+def tiny_pretraining_dataset(_shared_tiny_dataset, monkeypatch: pytest.MonkeyPatch) -> Dict[str, Path]:
+    """The shared preprocessed tiny dataset, with nnU-Net's folder variables pointing at it."""
+    for variable, folder in _shared_tiny_dataset.items():
+        monkeypatch.setenv(variable, str(folder))
+    return _shared_tiny_dataset
+
+
+def pretraining_output(dirs: Dict[str, Path], trainer: str) -> Path:
+    return dirs["nnUNet_results"] / TINY_DATASET / f"{trainer}__nnsslPlansTiny__3d_fullres" / "fold_all"
+
+
+def pretrain_smoke(dirs: Dict[str, Path], trainer: str, extra_env: Optional[Dict[str, str]] = None):
+    """Run ``nnUNetv2_train`` for a pretraining trainer on the shared tiny dataset; return (folder, checkpoint)."""
+    import torch
+
+    run_command(["nnUNetv2_train", TINY_DATASET_ID, "3d_fullres", "all", "-tr", trainer, "-p", "nnsslPlansTiny",
+                 "-device", "cpu"], extra_env={**SMOKE_PRETRAINING, **(extra_env or {})})
+    out = pretraining_output(dirs, trainer)
+    return out, torch.load(out / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+
+
+def tiny_network(num_classes: int = 1, input_channels: int = 1):
+    """A fresh dna network with the tiny preset's architecture (what the plans build)."""
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    from nnssl.plans.presets import RESENC_TINY
+
+    arch = RESENC_TINY.architecture()
+    return get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"],
+                                  input_channels, num_classes, deep_supervision=False)

@@ -12,7 +12,7 @@ from batchgeneratorsv2.transforms.noise.gaussian_blur import GaussianBlurTransfo
 from batchgeneratorsv2.transforms.spatial.low_resolution import SimulateLowResolutionTransform
 from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 
-from conftest import run_command, write_labeled_dataset
+from conftest import pretrain_smoke, tiny_network
 from nnssl.amaes import (AMAESModel, BiasFieldTransform, CarryCleanTarget, GibbsRingingTransform, LightweightDecoder,
                          MotionGhostingTransform, MultiplicativeGaussianNoiseTransform, PerAxisZoom,
                          amaes_input_augmentation, augmentation_reversal_loss, augmentation_reversal_transforms,
@@ -29,16 +29,6 @@ PAPER_PROBABILITIES = {GaussianBlurTransform: 0.1, GaussianNoiseTransform: 0.2,
 def seed(value: int = 0) -> None:
     torch.manual_seed(value)
     np.random.seed(value)
-
-
-def tiny_network():
-    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-
-    from nnssl.plans.presets import RESENC_TINY
-
-    arch = RESENC_TINY.architecture()
-    return get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"],
-                                  1, 1, deep_supervision=False)
 
 
 def band_energy(image: torch.Tensor, axis: int, low: float, high: float) -> float:
@@ -248,18 +238,8 @@ def test_s3d_option_keeps_s3d_and_adds_the_reversal_target():
 
 
 # ------------------------------------------------------------------------------------------------ stock command
-def test_amaes_pretraining_through_nnunetv2_train_exports_an_encoder_checkpoint(nnunet_dirs):
-    dataset = write_labeled_dataset(nnunet_dirs["nnUNet_raw"], 42, "AMAES", shapes=[(40, 44, 38), (36, 40, 42)],
-                                    spacings=[(1.2, 1.0, 1.0), (1.0, 1.1, 0.9)])
-    run_command(["nnUNetv2_plan_and_preprocess", "-d", 42, "-pl", "nnsslPlannerTiny", "-c", "3d_fullres",
-                 "-np", 1, "-npfp", 1, "--no_pbar"])
-    run_command(["nnUNetv2_train", 42, "3d_fullres", "all", "-tr", "AMAESPretrainTrainer", "-p", "nnsslPlansTiny",
-                 "-device", "cpu"],
-                extra_env={"nnssl_num_epochs": "1", "nnssl_iterations_per_epoch": "2",
-                           "nnssl_val_iterations_per_epoch": "1"})
-    out = (nnunet_dirs["nnUNet_results"] / dataset.name / "AMAESPretrainTrainer__nnsslPlansTiny__3d_fullres"
-           / "fold_all")
-    checkpoint = torch.load(out / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+def test_amaes_pretraining_through_nnunetv2_train_exports_an_encoder_checkpoint(tiny_pretraining_dataset):
+    out, checkpoint = pretrain_smoke(tiny_pretraining_dataset, "AMAESPretrainTrainer")
     weights = checkpoint["network_weights"]
     assert weights and all(k.startswith("encoder.") for k in weights)
     assert any(k.startswith("decoder.upsamplers") for k in checkpoint["nnssl_pretraining_weights"])

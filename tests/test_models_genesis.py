@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_command, write_labeled_dataset
+from conftest import pretrain_smoke, tiny_network
 from nnssl.models_genesis import (INPAINT, OUTPAINT, CorruptionPlan, ModelsGenesisConfig, ModelsGenesisTransform,
                                   corrupt, flip, inpaint, intensity_curve, nonlinear_intensity, outpaint,
                                   restoration_loss, restoration_pair, robust_range, sample_inpaint_boxes,
@@ -213,26 +213,10 @@ def test_restoration_loss_is_the_mean_over_all_voxels():
     assert restoration_loss(clean, clean).item() == 0.0
 
 
-def test_models_genesis_pretraining_through_stock_nnunetv2_train(nnunet_dirs):
-    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-
-    from nnssl.plans.presets import RESENC_TINY
-
-    dataset = write_labeled_dataset(nnunet_dirs["nnUNet_raw"], 41, "Genesis", shapes=[(40, 44, 38), (36, 40, 42)],
-                                    spacings=[(1.2, 1.0, 1.0), (1.0, 1.1, 0.9)])
-    run_command(["nnUNetv2_plan_and_preprocess", "-d", 41, "-pl", "nnsslPlannerTiny", "-c", "3d_fullres",
-                 "-np", 1, "-npfp", 1, "--no_pbar"])
-    run_command(["nnUNetv2_train", 41, "3d_fullres", "all", "-tr", "ModelsGenesisPretrainTrainer", "-p",
-                 "nnsslPlansTiny", "-device", "cpu"],
-                extra_env={"nnssl_num_epochs": "1", "nnssl_iterations_per_epoch": "2",
-                           "nnssl_val_iterations_per_epoch": "1"})
-    out = (nnunet_dirs["nnUNet_results"] / dataset.name / "ModelsGenesisPretrainTrainer__nnsslPlansTiny__3d_fullres"
-           / "fold_all")
+def test_models_genesis_pretraining_through_stock_nnunetv2_train(tiny_pretraining_dataset):
+    out, checkpoint = pretrain_smoke(tiny_pretraining_dataset, "ModelsGenesisPretrainTrainer")
     assert (out / "reconstruction_epoch_0000.png").is_file()
-    checkpoint = torch.load(out / "checkpoint_final.pth", map_location="cpu", weights_only=False)
-    arch = RESENC_TINY.architecture()
-    fresh = get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"],
-                                   1, 1, deep_supervision=False)
+    fresh = tiny_network()
     fresh.load_state_dict(checkpoint["network_weights"], strict=True)
     plan = checkpoint["nnssl_adaptation_plan"]
     assert plan["key_to_stem"] == "encoder.stem" and plan["key_to_encoder"] == "encoder.stages"

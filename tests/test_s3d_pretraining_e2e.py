@@ -5,51 +5,27 @@ import signal
 import subprocess
 import time
 
-import pytest
 import torch
 
-from conftest import console_script, run_command, write_labeled_dataset
+from conftest import (TINY_DATASET_ID, console_script, pretrain_smoke, pretraining_output, run_command,
+                      tiny_network)
 
 SMOKE = {"nnssl_num_epochs": "2", "nnssl_iterations_per_epoch": "2", "nnssl_val_iterations_per_epoch": "1"}
 
 
-@pytest.fixture
-def tiny_dataset(nnunet_dirs):
-    folder = write_labeled_dataset(nnunet_dirs["nnUNet_raw"], 31, "Pre", shapes=[(40, 44, 38), (36, 40, 42)],
-                                   spacings=[(1.2, 1.0, 1.0), (1.0, 1.1, 0.9)])
-    run_command(["nnUNetv2_plan_and_preprocess", "-d", 31, "-pl", "nnsslPlannerTiny", "-c", "3d_fullres",
-                 "-np", 1, "-npfp", 1, "--no_pbar"])
-    return folder
-
-
-def output_folder(nnunet_dirs, dataset_folder, trainer: str):
-    return (nnunet_dirs["nnUNet_results"] / dataset_folder.name / f"{trainer}__nnsslPlansTiny__3d_fullres"
-            / "fold_all")
-
-
-def fresh_tiny_network():
-    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-
-    from nnssl.plans.presets import RESENC_TINY
-
-    arch = RESENC_TINY.architecture()
-    return get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"],
-                                  1, 1, deep_supervision=False)
-
-
-def test_s3d_pretraining_writes_transferable_checkpoint_and_resumes(nnunet_dirs, tiny_dataset):
-    train = ["nnUNetv2_train", 31, "3d_fullres", "all", "-tr", "S3DPretrainTrainer", "-p", "nnsslPlansTiny",
-             "-device", "cpu"]
-    run_command(train, extra_env=SMOKE)
-    out = output_folder(nnunet_dirs, tiny_dataset, "S3DPretrainTrainer")
+def test_s3d_pretraining_writes_transferable_checkpoint_and_resumes(tiny_pretraining_dataset):
+    train = ["nnUNetv2_train", TINY_DATASET_ID, "3d_fullres", "all", "-tr", "S3DPretrainTrainer_5epochs", "-p",
+             "nnsslPlansTiny", "-device", "cpu"]
+    run_command(train, extra_env=SMOKE)  # the smoke variables win over the _5epochs variant
+    out = pretraining_output(tiny_pretraining_dataset, "S3DPretrainTrainer_5epochs")
     for name in ("checkpoint_final.pth", "checkpoint_best.pth", "progress.png", "reconstruction_epoch_0000.png",
                  "reconstruction_epoch_0001.png"):
         assert (out / name).is_file(), name
     assert not (out / "checkpoint_latest.pth").exists()
     checkpoint = torch.load(out / "checkpoint_final.pth", map_location="cpu", weights_only=False)
-    assert checkpoint["trainer_name"] == "S3DPretrainTrainer" and checkpoint["current_epoch"] == 2
+    assert checkpoint["trainer_name"] == "S3DPretrainTrainer_5epochs" and checkpoint["current_epoch"] == 2
 
-    fresh = fresh_tiny_network()
+    fresh = tiny_network()
     assert list(checkpoint["network_weights"]) == list(fresh.state_dict())
     fresh.load_state_dict(checkpoint["network_weights"], strict=True)
     trained_stem = checkpoint["network_weights"]["encoder.stem.convs.0.all_modules.0.weight"]
@@ -75,12 +51,12 @@ def test_s3d_pretraining_writes_transferable_checkpoint_and_resumes(nnunet_dirs,
     assert resumed["nnssl_trainer_state"]["mask_sampler"] != checkpoint["nnssl_trainer_state"]["mask_sampler"]
 
 
-def test_s3d_pretraining_resumes_after_a_kill_mid_epoch(nnunet_dirs, tiny_dataset):
+def test_s3d_pretraining_resumes_after_a_kill_mid_epoch(tiny_pretraining_dataset):
     env = {**os.environ, "nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "1", "nnssl_num_epochs": "3",
-           "nnssl_iterations_per_epoch": "15", "nnssl_val_iterations_per_epoch": "1"}
-    command = [console_script("nnUNetv2_train"), "31", "3d_fullres", "all", "-tr", "S3DPretrainTrainer_ratio75",
-               "-p", "nnsslPlansTiny", "-device", "cpu"]
-    out = output_folder(nnunet_dirs, tiny_dataset, "S3DPretrainTrainer_ratio75")
+           "nnssl_iterations_per_epoch": "8", "nnssl_val_iterations_per_epoch": "1"}
+    command = [console_script("nnUNetv2_train"), str(TINY_DATASET_ID), "3d_fullres", "all", "-tr",
+               "S3DPretrainTrainer_ratio75", "-p", "nnsslPlansTiny", "-device", "cpu"]
+    out = pretraining_output(tiny_pretraining_dataset, "S3DPretrainTrainer_ratio75")
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 600
@@ -96,7 +72,7 @@ def test_s3d_pretraining_resumes_after_a_kill_mid_epoch(nnunet_dirs, tiny_datase
     latest = torch.load(out / "checkpoint_latest.pth", map_location="cpu", weights_only=False)
     assert latest["current_epoch"] == 1
 
-    run_command(["nnUNetv2_train", 31, "3d_fullres", "all", "-tr", "S3DPretrainTrainer_ratio75", "-p",
+    run_command(["nnUNetv2_train", TINY_DATASET_ID, "3d_fullres", "all", "-tr", "S3DPretrainTrainer_ratio75", "-p",
                  "nnsslPlansTiny", "-device", "cpu", "--c"],
                 extra_env={"nnssl_num_epochs": "3", "nnssl_iterations_per_epoch": "2",
                            "nnssl_val_iterations_per_epoch": "1"})
@@ -106,10 +82,14 @@ def test_s3d_pretraining_resumes_after_a_kill_mid_epoch(nnunet_dirs, tiny_datase
     assert "Epoch 1" in log and "Epoch 2" in log
 
 
-def test_dense_mae_baseline_trains(nnunet_dirs, tiny_dataset):
-    run_command(["nnUNetv2_train", 31, "3d_fullres", "all", "-tr", "MAEPretrainTrainer", "-p", "nnsslPlansTiny",
-                 "-device", "cpu"], extra_env={**SMOKE, "nnssl_num_epochs": "1"})
-    out = output_folder(nnunet_dirs, tiny_dataset, "MAEPretrainTrainer")
-    checkpoint = torch.load(out / "checkpoint_final.pth", map_location="cpu", weights_only=False)
-    assert list(checkpoint["network_weights"]) == list(fresh_tiny_network().state_dict())
+def test_dense_mae_baseline_trains(tiny_pretraining_dataset):
+    _, checkpoint = pretrain_smoke(tiny_pretraining_dataset, "MAEPretrainTrainer")
+    assert list(checkpoint["network_weights"]) == list(tiny_network().state_dict())
     assert not any(k.startswith("mask_tokens") for k in checkpoint["nnssl_pretraining_weights"])
+
+
+def test_bad_smoke_variable_is_named(tiny_pretraining_dataset):
+    result = run_command(["nnUNetv2_train", TINY_DATASET_ID, "3d_fullres", "all", "-tr", "S3DPretrainTrainer", "-p",
+                          "nnsslPlansTiny", "-device", "cpu"], extra_env={"nnssl_num_epochs": "0"}, check=False)
+    assert result.returncode != 0
+    assert "nnssl_num_epochs='0' must be at least 1" in result.stderr

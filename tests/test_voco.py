@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import run_command, write_labeled_dataset
+from conftest import pretrain_smoke
 from nnssl.voco import (VoCoGeometry, VoCoModel, VoCoProjector, crop_overlaps, encoder_only_state_dict,
                         feature_norm, voco_prediction_loss, voco_regularisation_loss, voco_transforms)
 
@@ -190,18 +190,8 @@ def test_trainer_geometry_follows_the_plans_patch():
 
 
 # ------------------------------------------------------------------------------------------------ stock command
-def test_voco_pretraining_through_nnunetv2_train_exports_an_encoder_checkpoint(nnunet_dirs):
-    dataset = write_labeled_dataset(nnunet_dirs["nnUNet_raw"], 41, "VoCo", shapes=[(40, 44, 38), (36, 40, 42)],
-                                    spacings=[(1.2, 1.0, 1.0), (1.0, 1.1, 0.9)])
-    run_command(["nnUNetv2_plan_and_preprocess", "-d", 41, "-pl", "nnsslPlannerTiny", "-c", "3d_fullres",
-                 "-np", 1, "-npfp", 1, "--no_pbar"])
-    run_command(["nnUNetv2_train", 41, "3d_fullres", "all", "-tr", "VoCoPretrainTrainer", "-p", "nnsslPlansTiny",
-                 "-device", "cpu"],
-                extra_env={"nnssl_num_epochs": "1", "nnssl_iterations_per_epoch": "2",
-                           "nnssl_val_iterations_per_epoch": "1"})
-    out = (nnunet_dirs["nnUNet_results"] / dataset.name / "VoCoPretrainTrainer__nnsslPlansTiny__3d_fullres"
-           / "fold_all")
-    checkpoint = torch.load(out / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+def test_voco_pretraining_through_nnunetv2_train_exports_an_encoder_checkpoint(tiny_pretraining_dataset):
+    _, checkpoint = pretrain_smoke(tiny_pretraining_dataset, "VoCoPretrainTrainer")
     weights = checkpoint["network_weights"]
     assert weights and all(k.startswith("encoder.") for k in weights)
     assert any(k.startswith("projector.") for k in checkpoint["nnssl_pretraining_weights"])

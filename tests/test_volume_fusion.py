@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_command, write_labeled_dataset
+from conftest import pretrain_smoke, tiny_network
 from nnssl.volume_fusion import (FusionBoxes, VolumeFusionConfig, VolumeFusionTransform, box_size_range, fuse,
                                  fusion_coefficients, paint_labels, sample_fusion_boxes)
 
@@ -121,25 +121,9 @@ def test_training_augmentation_is_nnunets_intensity_list_without_spatial_transfo
     assert out["image"].shape == (1, 32, 32, 32)
 
 
-def test_volume_fusion_pretraining_through_stock_nnunetv2_train(nnunet_dirs):
-    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-
-    from nnssl.plans.presets import RESENC_TINY
-
-    dataset = write_labeled_dataset(nnunet_dirs["nnUNet_raw"], 42, "Fusion", shapes=[(40, 44, 38), (36, 40, 42)],
-                                    spacings=[(1.2, 1.0, 1.0), (1.0, 1.1, 0.9)])
-    run_command(["nnUNetv2_plan_and_preprocess", "-d", 42, "-pl", "nnsslPlannerTiny", "-c", "3d_fullres",
-                 "-np", 1, "-npfp", 1, "--no_pbar"])
-    run_command(["nnUNetv2_train", 42, "3d_fullres", "all", "-tr", "VolumeFusionPretrainTrainer", "-p",
-                 "nnsslPlansTiny", "-device", "cpu"],
-                extra_env={"nnssl_num_epochs": "1", "nnssl_iterations_per_epoch": "2",
-                           "nnssl_val_iterations_per_epoch": "1"})
-    out = (nnunet_dirs["nnUNet_results"] / dataset.name / "VolumeFusionPretrainTrainer__nnsslPlansTiny__3d_fullres"
-           / "fold_all")
-    checkpoint = torch.load(out / "checkpoint_final.pth", map_location="cpu", weights_only=False)
-    arch = RESENC_TINY.architecture()
-    fresh = get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"],
-                                   1, CONFIG.num_classes, deep_supervision=False)
+def test_volume_fusion_pretraining_through_stock_nnunetv2_train(tiny_pretraining_dataset):
+    out, checkpoint = pretrain_smoke(tiny_pretraining_dataset, "VolumeFusionPretrainTrainer")
+    fresh = tiny_network(num_classes=CONFIG.num_classes)
     fresh.load_state_dict(checkpoint["network_weights"], strict=True)
     assert checkpoint["network_weights"]["decoder.seg_layers.0.weight"].shape[0] == CONFIG.num_classes
     assert checkpoint["nnssl_adaptation_plan"]["key_to_encoder"] == "encoder.stages"
