@@ -33,7 +33,6 @@ class Summary:
     median: float
     low: float
     high: float
-    n: int
 
     def format(self, scale: float = 1.0) -> str:
         return f"{significant(self.median * scale)} [{significant(self.low * scale)}..{significant(self.high * scale)}]"
@@ -50,7 +49,7 @@ def significant(value: float, digits: int = 3) -> str:
 def summarize(values: Sequence[float]) -> Summary:
     if not values:
         raise ValueError("Nothing was measured.")
-    return Summary(statistics.median(values), min(values), max(values), len(values))
+    return Summary(statistics.median(values), min(values), max(values))
 
 
 def per_round_ratios(numerator: Sequence[float], denominator: Sequence[float]) -> list[float]:
@@ -156,11 +155,10 @@ def base_parser(description: str) -> argparse.ArgumentParser:
 
 
 @contextmanager
-def torch_threads(n: int | None) -> Iterator[None]:
-    """Temporarily pin the number of intra-op threads (None: leave as is)."""
+def torch_threads(n: int) -> Iterator[None]:
+    """Temporarily pin the number of intra-op threads."""
     previous = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
+    torch.set_num_threads(n)
     try:
         yield
     finally:

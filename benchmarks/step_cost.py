@@ -250,6 +250,8 @@ def measure(settings: Settings) -> dict[str, list[float]]:
                 f"{', channels-last' if settings.channels_last else ''}{', compiled' if settings.compile else ''}; "
                 f"{settings.repeats} interleaved rounds, median [min..max]",
                 ["step", "ms/step", "x supervised", "peak MiB", "GFLOP/sample", "TFLOP/s", "% of peak"], rows)
+    print("FLOP x supervised: " + ", ".join(f"{case} {flops[case] / flops['supervised']:.3f}" for case in CASES[1:])
+          + " (S3D's extra FLOPs are its densification convs; time beyond that is the sparse emulation)")
     print(f"peak MiB: tensor memory above the level before the step ("
           f"{'CUDA allocator' if settings.device.type == 'cuda' else 'torch profiler'}, one step); % of peak: of "
           f"{f'{peak:g} TFLOP/s dense bf16' if peak else 'an unknown device peak (give --peak-tflops)'}")
@@ -278,7 +280,8 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
                         help="bf16 autocast (default on CUDA; --no-bf16 on CUDA = fp16 + GradScaler)")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile the models (and nnU-Net's dice loss)")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps per case first (default: 2 on CUDA "
+                                                                 "for cudnn autotuning, 1 on the CPU)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU intra-op threads (default: 1 with --quick, where other processes share the cores "
                              "and competing OpenMP threads make timings erratic; else torch's default)")
@@ -294,16 +297,18 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
     on_cpu_full = device.type == "cpu" and not args.quick
     batch = args.batch or (preset.batch_size if not on_cpu_full or preset is RESENC_TINY else 1)
     repeats = args.repeats or (5 if args.quick else (3 if on_cpu_full else 20))
+    warmup = args.warmup if args.warmup is not None else (2 if device.type == "cuda" else 1)
     if on_cpu_full and preset is RESENC_L:
-        print(f"Note: full run on the CPU: batch {batch} (not the GPU batch {preset.batch_size}) and {repeats} "
-              f"rounds, to keep time and memory bounded.")
+        print(f"Note: full run on the CPU: batch {batch} (not the GPU batch {preset.batch_size}), {repeats} rounds "
+              f"and {warmup} warm-up step per case, to bound time and memory (about 12 GiB per 160^3 sample in "
+              f"fp32; each step takes minutes on a few cores).")
     bf16 = args.bf16 if args.bf16 is not None else device.type == "cuda"
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as nnU-Net's run_training
     threads = args.threads or (1 if args.quick else None)
     if threads is not None:
         torch.set_num_threads(threads)
-    return Settings(preset, batch, device, repeats, args.warmup, bf16, args.channels_last, args.compile,
+    return Settings(preset, batch, device, repeats, warmup, bf16, args.channels_last, args.compile,
                     args.peak_tflops, args.seed)
 
 

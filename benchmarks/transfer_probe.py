@@ -10,8 +10,8 @@ nnUNet_raw / nnUNet_preprocessed / nnUNet_results):
 4. ``nnssl_prepare_finetune -d 502 -c CHECKPOINT``, then a ``splits_final.json`` whose fold 0 trains on the first
    num-labeled cases and validates on the num-heldout others (nnU-Net's own custom-split mechanism);
 5. ``nnUNetv2_train 502 3d_fullres 0 -p nnsslFinetunePlans`` with the fine-tuning trainer and with its from-scratch
-   twin (same plans, same schedule, random init), both for the same fine-tuning budget, side by side (two processes
-   at once: both see the same machine load, and the single-threaded parts of one overlap the other's work);
+   twin (same plans, same schedule, random init), both for the same fine-tuning budget (one after the other: two
+   processes at once oversubscribe the cores and were slower on 2 CPU cores);
 6. Dice = ``foreground_mean.Dice`` of ``fold_0/validation/summary.json`` (nnU-Net's validation of the final weights
    on the held-out cases).
 
@@ -29,6 +29,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -62,8 +63,8 @@ class Budget:
     finetune_iterations: int
 
 
-QUICK = Budget(seeds=(0,), num_unlabeled=2, num_labeled=2, num_heldout=1, pretrain_epochs=1, pretrain_iterations=2,
-               finetune_epochs=2, finetune_iterations=2)
+QUICK = Budget(seeds=(0,), num_unlabeled=2, num_labeled=2, num_heldout=1, pretrain_epochs=1, pretrain_iterations=1,
+               finetune_epochs=1, finetune_iterations=1)
 FULL = Budget(seeds=(0, 1, 2), num_unlabeled=8, num_labeled=4, num_heldout=4, pretrain_epochs=10,
               pretrain_iterations=25, finetune_epochs=10, finetune_iterations=10)
 
@@ -91,7 +92,9 @@ class Workspace:
         self.device = device
         self.logs = root / "logs"
         self.logs.mkdir(parents=True)
-        self.env = dict(os.environ, nnUNet_n_proc_DA="0", nnUNet_def_n_proc="1")
+        # the user's own nnssl_* variables (schedule, batch size, checkpoint override) must not reach the commands
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("nnssl_")}
+        self.env.update(nnUNet_n_proc_DA="0", nnUNet_def_n_proc="1")
         for variable in NNUNET_FOLDERS:
             (root / variable).mkdir()
             self.env[variable] = str(root / variable)
@@ -100,28 +103,19 @@ class Workspace:
         return Path(self.env[variable])
 
     def run(self, step: str, args: Sequence[object], extra_env: Mapping[str, str] | None = None) -> float:
-        """Run one console script, its output going to ``logs/<step>.log``; return wall seconds."""
-        return self.run_side_by_side({step: (args, extra_env or {})})
+        """Run a console script, its output going to ``logs/<step>.log``; return wall seconds.
 
-    def run_side_by_side(self, commands: Mapping[str, tuple[Sequence[object], Mapping[str, str]]]) -> float:
-        """Start every command at once (``{step: (args, extra_env)}``), wait for all; return wall seconds.
-
-        Raises ``ProbeFailure`` with the tail of the first failed command's log.
+        Raises ``ProbeFailure`` with the tail of the log when the command fails.
         """
+        command = [console_script(str(args[0]))] + [str(a) for a in args[1:]]
+        log = self.logs / f"{step}.log"
         start = time.perf_counter()
-        running = []
-        for step, (args, extra_env) in commands.items():
-            command = [console_script(str(args[0]))] + [str(a) for a in args[1:]]
-            log = self.logs / f"{step}.log"
-            with log.open("w") as handle:  # the child keeps its own copy of the descriptor
-                handle.write(" ".join(command) + "\n")
-                handle.flush()
-                process = subprocess.Popen(command, env={**self.env, **extra_env}, stdout=handle,
-                                           stderr=subprocess.STDOUT)
-            running.append((step, log, process))
-        failures = [(step, log, code) for step, log, process in running if (code := process.wait()) != 0]
-        if failures:
-            step, log, code = failures[0]
+        with log.open("w") as handle:
+            handle.write(" ".join(command) + "\n")
+            handle.flush()
+            code = subprocess.run(command, env={**self.env, **(extra_env or {})}, stdout=handle,
+                                  stderr=subprocess.STDOUT).returncode
+        if code != 0:
             tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
             raise ProbeFailure(f"{step} failed (exit code {code}); full log: {log}\n{tail}")
         return time.perf_counter() - start
@@ -172,9 +166,9 @@ def validation_dice(workspace: Workspace, trainer: str) -> float:
     return float(json.loads(summary.read_text())["foreground_mean"]["Dice"])
 
 
-def probe_seed(root: Path, seed: int, budget: Budget, trainer: str, scratch: str, device: str) -> SeedResult:
+def probe_seed(folder: Path, seed: int, budget: Budget, trainer: str, scratch: str, device: str) -> SeedResult:
     """Generate data, pretrain once, fine-tune pretrained and from scratch; return both held-out Dice scores."""
-    workspace = Workspace(root / f"seed_{seed}", device)
+    workspace = Workspace(folder, device)
     source = workspace.root / "source"
     seconds: dict[str, float] = {}
 
@@ -198,10 +192,9 @@ def probe_seed(root: Path, seed: int, budget: Budget, trainer: str, scratch: str
     stage("prepare", workspace.run("prepare_finetune", [
         "nnssl_prepare_finetune", "-d", LABELED_ID, "-c", checkpoint, "-np", 1, "-npfp", 1]))
     write_split(workspace, budget)
-    stage("fine-tune", workspace.run_side_by_side({
-        f"finetune_{fine_tuner}": workspace.train_command(LABELED_ID, "0", fine_tuner, FINETUNE_PLANS,
-                                                          budget.finetune_epochs, budget.finetune_iterations)
-        for fine_tuner in (trainer, scratch)}))
+    for name, fine_tuner in (("pretrained", trainer), ("scratch", scratch)):
+        stage(name, workspace.run(f"finetune_{name}", *workspace.train_command(
+            LABELED_ID, "0", fine_tuner, FINETUNE_PLANS, budget.finetune_epochs, budget.finetune_iterations)))
     return SeedResult(seed, validation_dice(workspace, trainer), validation_dice(workspace, scratch), seconds)
 
 
@@ -225,7 +218,9 @@ def report(results: Sequence[SeedResult], trainer: str, scratch: str, quick: boo
           "run-to-run noise.")
     if quick:
         print("--quick: tiny budgets, a smoke check of the pipeline, NOT evidence for or against transfer.")
-    print(f"wall time {wall_seconds:.0f} s")
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    print(f"wall time {wall_seconds:.0f} s (CPU time of the commands {usage.ru_utime + usage.ru_stime:.0f} s; "
+          f"on a shared machine other processes' load adds to the wall time)")
     print_ratio_lines({"dice_pretrained_over_scratch": ratios or [math.nan]})
 
 
@@ -234,8 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="tiny budgets and one seed: a smoke check under two minutes on 2 CPU cores")
-    parser.add_argument("--seeds", type=int, nargs="+", help=f"data seeds (default {list(FULL.seeds)}, quick "
-                                                             f"{list(QUICK.seeds)})")
+    parser.add_argument("--seeds", type=int, nargs="+", help=f"data seeds, one probe each; repeat a seed to see the "
+                        f"run-to-run noise (default {list(FULL.seeds)}, quick {list(QUICK.seeds)})")
     for option, field in (("--num-unlabeled", "num_unlabeled"), ("--num-labeled", "num_labeled"),
                           ("--num-heldout", "num_heldout"), ("--pretrain-epochs", "pretrain_epochs"),
                           ("--pretrain-iterations", "pretrain_iterations"), ("--finetune-epochs", "finetune_epochs"),
@@ -269,12 +264,13 @@ def main() -> int:
     print(f"transfer probe{' (--quick: smoke check, not evidence)' if args.quick else ''}: {budget.num_unlabeled} "
           f"unlabeled volumes, {PRETRAINER} {budget.pretrain_epochs} x {budget.pretrain_iterations} iterations; "
           f"{args.trainer} vs {scratch}, {budget.finetune_epochs} x {budget.finetune_iterations} iterations each on "
-          f"{budget.num_labeled} labeled cases, Dice on {budget.num_heldout} held-out cases; seeds "
+          f"{budget.num_labeled} labeled cases, Dice on {budget.num_heldout} held-out case(s); seeds "
           f"{list(budget.seeds)}; device {args.device}", flush=True)
     root = Path(tempfile.mkdtemp(prefix="nnssl_transfer_probe_"))
     keep = args.keep
     try:
-        results = [probe_seed(root, seed, budget, args.trainer, scratch, args.device) for seed in budget.seeds]
+        results = [probe_seed(root / f"run{index}_seed{seed}", seed, budget, args.trainer, scratch, args.device)
+                   for index, seed in enumerate(budget.seeds)]
     except ProbeFailure as failure:
         keep = True
         print(f"transfer_probe: {failure}", file=sys.stderr)

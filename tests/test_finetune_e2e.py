@@ -100,6 +100,7 @@ def test_prepare_and_warmup_stages_from_an_nnssl_layout_checkpoint(nnunet_dirs, 
         if epoch == 0:
             assert all(torch.equal(v, encoder_before[k]) for k, v in network.encoder.state_dict().items())
             assert any(not torch.equal(v, decoder_before[k]) for k, v in network.decoder.stages.state_dict().items())
+            trainer.save_checkpoint(str(tmp_path / "after_stage_1.pth"))  # as nnU-Net's on_epoch_end: save, then +1
         trainer.current_epoch += 1
     assert any(not torch.equal(v, encoder_before[k]) for k, v in network.encoder.state_dict().items())
     expected = [(1e-3 * 1 / 2, 0.0), (1e-3, 0.0), (1e-3 / 2, 1e-3 / 2), (1e-3, 1e-3), (1e-3, 1e-3),
@@ -107,6 +108,15 @@ def test_prepare_and_warmup_stages_from_an_nnssl_layout_checkpoint(nnunet_dirs, 
     assert [(round(d["decoder"], 9), round(d["encoder"], 9)) for d in lrs] == \
         [(round(a, 9), round(b, 9)) for a, b in expected]
     trainer.on_train_end()
+
+    # --c after a kill at the end of stage 1: the resumed run starts stage 2 with the stage-2 LR for both groups
+    resumed = get_trainer_from_args("41", "3d_fullres", 0, "nnsslFinetuneTrainer", "nnsslFinetunePlans",
+                                    continue_training=True, device=torch.device("cpu"))
+    resumed.load_checkpoint(str(tmp_path / "after_stage_1.pth"))
+    assert resumed.current_epoch == 1
+    resumed.on_train_epoch_start()
+    assert {g["nnssl_part"]: g["lr"] for g in resumed.optimizer.param_groups} == pytest.approx(
+        {"decoder": 1e-3 / 2, "encoder": 1e-3 / 2})
 
 
 def test_bad_checkpoints_give_clear_errors(nnunet_dirs, tmp_path):

@@ -43,14 +43,15 @@ def test_full_preset_is_exactly_resenc_l_whatever_the_dataset(nnunet_dirs):
     large = write_labeled_dataset(raw, 12, "Large", shapes=[(40, 50, 45), (44, 52, 40)],
                                   spacings=[(1.2, 1.4, 1.3), (1.0, 1.5, 1.5)], num_channels=2)
     architectures = []
-    for folder, dataset_id in ((small, 11), (large, 12)):
-        plan(dataset_id, "nnsslPlanner", "--no_pp")
+    for folder, dataset_id, batch_size in ((small, 11, "6"), (large, 12, "3")):
+        run_command(["nnUNetv2_plan_and_preprocess", "-d", dataset_id, "-pl", "nnsslPlanner", "-npfp", 1, "--no_pp"],
+                    extra_env={"nnssl_batch_size": batch_size})  # 6 is also the default
         plans = load_plans(nnunet_dirs, folder, "nnsslPlans")
         assert list(plans["configurations"]) == ["3d_fullres"]
         config = plans["configurations"]["3d_fullres"]
         assert config["spacing"] == [1.0, 1.0, 1.0]
         assert config["patch_size"] == [160, 160, 160]
-        assert config["batch_size"] == 6
+        assert config["batch_size"] == int(batch_size)
         assert config["data_identifier"] == "nnsslPlans_3d_fullres"
         assert set(config["normalization_schemes"]) == {"ZScoreNormalization"}
         assert plans["transpose_forward"] == [0, 1, 2]
@@ -60,6 +61,10 @@ def test_full_preset_is_exactly_resenc_l_whatever_the_dataset(nnunet_dirs):
         assert arch["arch_kwargs"] == RESENC_L_ARCH_KWARGS
         architectures.append(arch)
     assert architectures[0] == architectures[1]
+    result = run_command(["nnUNetv2_plan_experiment", "-d", 11, "-pl", "nnsslPlanner"],
+                         extra_env={"nnssl_batch_size": "six"}, check=False)
+    assert result.returncode != 0
+    assert "nnssl_batch_size='six'" in result.stderr
 
 
 def test_full_preset_builds_the_102m_parameter_resenc_l(nnunet_dirs):
@@ -75,18 +80,6 @@ def test_full_preset_builds_the_102m_parameter_resenc_l(nnunet_dirs):
     assert 102.0e6 < n_params < 102.7e6
     assert 90.0e6 < encoder_params < 90.6e6
     assert len(network.decoder.stages) == 5 and all(len(s.convs) == 1 for s in network.decoder.stages)
-
-
-def test_batch_size_is_adjustable_and_bad_values_are_named(nnunet_dirs):
-    raw = nnunet_dirs["nnUNet_raw"]
-    folder = write_labeled_dataset(raw, 13, "Bs", shapes=[(20, 20, 20)] * 2, spacings=[(1.0, 1.0, 1.0)] * 2)
-    run_command(["nnUNetv2_plan_and_preprocess", "-d", 13, "-pl", "nnsslPlanner", "-np", 1, "-npfp", 1, "--no_pp"],
-                extra_env={"nnssl_batch_size": "2"})
-    assert load_plans(nnunet_dirs, folder, "nnsslPlans")["configurations"]["3d_fullres"]["batch_size"] == 2
-    result = run_command(["nnUNetv2_plan_experiment", "-d", 13, "-pl", "nnsslPlanner"],
-                         extra_env={"nnssl_batch_size": "six"}, check=False)
-    assert result.returncode != 0
-    assert "nnssl_batch_size='six'" in result.stderr
 
 
 def test_tiny_preset_preprocesses_to_one_millimetre_b2nd(nnunet_dirs):

@@ -67,6 +67,7 @@ class nnsslFinetuneTrainer(nnsslTrainerMixin, nnUNetTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.initial_lr = self.peak_lr
         self.enable_deep_supervision = False
+        self.save_every = 10  # stage boundaries (50, 100) fall on saves: a kill loses at most 10 epochs
         self.schedule: Optional[FinetuneSchedule] = None
         self._iteration_in_epoch = 0
 
