@@ -53,7 +53,7 @@ def test_s3d_pretraining_writes_transferable_checkpoint_and_resumes(tiny_pretrai
 
 def test_s3d_pretraining_resumes_after_a_kill_mid_epoch(tiny_pretraining_dataset):
     env = {**os.environ, "nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "1", "nnssl_num_epochs": "3",
-           "nnssl_iterations_per_epoch": "8", "nnssl_val_iterations_per_epoch": "1"}
+           "nnssl_iterations_per_epoch": "4", "nnssl_val_iterations_per_epoch": "1"}
     command = [console_script("nnUNetv2_train"), str(TINY_DATASET_ID), "3d_fullres", "all", "-tr",
                "S3DPretrainTrainer_ratio75", "-p", "nnsslPlansTiny", "-device", "cpu"]
     out = pretraining_output(tiny_pretraining_dataset, "S3DPretrainTrainer_ratio75")
@@ -64,7 +64,7 @@ def test_s3d_pretraining_resumes_after_a_kill_mid_epoch(tiny_pretraining_dataset
             assert process.poll() is None, "training ended before the first checkpoint"
             assert time.time() < deadline
             time.sleep(0.2)
-        time.sleep(1.0)  # well into epoch 1
+        time.sleep(0.3)  # into epoch 1
         process.send_signal(signal.SIGKILL)
     finally:
         process.wait(timeout=60)
