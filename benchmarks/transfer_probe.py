@@ -47,6 +47,7 @@ PRETRAINER, PRETRAIN_PLANS, FINETUNE_PLANS = "S3DPretrainTrainer", "nnsslPlansTi
 DEFAULT_SCRATCH = "nnsslFinetuneTrainer_scratch"
 VAL_ITERATIONS = 1  # per-epoch validation loss is only logged; the Dice comes from nnU-Net's final validation
 NNUNET_FOLDERS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+LEARNED_DICE = 0.1  # below this on both sides nothing was learned and the ratio of two near-zero Dice means nothing
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,7 @@ class Workspace:
             self.env[variable] = str(root / variable)
 
     def folder(self, variable: str) -> Path:
+        """This workspace's ``nnUNet_raw`` / ``nnUNet_preprocessed`` / ``nnUNet_results``."""
         return Path(self.env[variable])
 
     def run(self, step: str, args: Sequence[object], extra_env: Mapping[str, str] | None = None) -> float:
@@ -212,6 +214,9 @@ def report(results: Sequence[SeedResult], trainer: str, scratch: str, quick: boo
     stages = list(results[0].seconds)
     rows += [[f"{name} s", summarize([r.seconds[name] for r in results]).format()] for name in stages]
     print_table(f"Over {len(results)} seed(s): median [min..max]", ["quantity", "value"], rows)
+    if max(max(r.dice_pretrained, r.dice_scratch) for r in results) < LEARNED_DICE:
+        print(f"Every Dice is below {LEARNED_DICE}: the fine-tuning budget is too small to learn the task, so the "
+              f"ratio is noise.")
     if len(ratios) < len(results):
         print(f"{len(results) - len(ratios)} seed(s) left out of the ratio: the scratch twin's Dice was 0.")
     print("Seeds drive the data generator only; nnU-Net's training is not seeded, so the spread includes "
@@ -224,22 +229,30 @@ def report(results: Sequence[SeedResult], trainer: str, scratch: str, quick: boo
     print_ratio_lines({"dice_pretrained_over_scratch": ratios or [math.nan]})
 
 
+BUDGET_OPTIONS = {
+    "num_unlabeled": "unlabeled volumes for the pretraining",
+    "num_labeled": "labeled cases the fine-tuning trains on",
+    "num_heldout": "further labeled cases the Dice is measured on",
+    "pretrain_epochs": "S3D pretraining epochs",
+    "pretrain_iterations": "S3D pretraining iterations per epoch",
+    "finetune_epochs": "fine-tuning epochs (both trainers)",
+    "finetune_iterations": "fine-tuning iterations per epoch (both trainers)",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="tiny budgets and one seed: a smoke check under two minutes on 2 CPU cores")
     parser.add_argument("--seeds", type=int, nargs="+", help=f"data seeds, one probe each; repeat a seed to see the "
                         f"run-to-run noise (default {list(FULL.seeds)}, quick {list(QUICK.seeds)})")
-    for option, field in (("--num-unlabeled", "num_unlabeled"), ("--num-labeled", "num_labeled"),
-                          ("--num-heldout", "num_heldout"), ("--pretrain-epochs", "pretrain_epochs"),
-                          ("--pretrain-iterations", "pretrain_iterations"), ("--finetune-epochs", "finetune_epochs"),
-                          ("--finetune-iterations", "finetune_iterations")):
-        parser.add_argument(option, type=int, dest=field,
-                            help=f"default {getattr(FULL, field)}, quick {getattr(QUICK, field)}")
+    for field, description in BUDGET_OPTIONS.items():
+        parser.add_argument(f"--{field.replace('_', '-')}", type=int, dest=field,
+                            help=f"{description} (default {getattr(FULL, field)}, quick {getattr(QUICK, field)})")
     parser.add_argument("--trainer", default="nnsslFinetuneTrainer", help="fine-tuning trainer; the scratch twin is "
-                        f"<trainer>_scratch if it exists, else {DEFAULT_SCRATCH}")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="nnUNetv2_train -device")
+                        f"<trainer>_scratch if it exists, else {DEFAULT_SCRATCH} (default %(default)s)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="nnUNetv2_train -device (default %(default)s)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (data, logs, results)")
     return parser
 
@@ -247,11 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
 def budget_from(args: argparse.Namespace) -> Budget:
     """The quick or full budget with the options given on the command line."""
     budget = QUICK if args.quick else FULL
-    overrides = {field: getattr(args, field) for field in Budget.__dataclass_fields__
-                 if field != "seeds" and getattr(args, field) is not None}
+    overrides = {field: getattr(args, field) for field in BUDGET_OPTIONS if getattr(args, field) is not None}
     budget = replace(budget, **overrides, **({"seeds": tuple(args.seeds)} if args.seeds else {}))
-    for field in Budget.__dataclass_fields__:
-        if field != "seeds" and getattr(budget, field) < 1:
+    for field in BUDGET_OPTIONS:
+        if getattr(budget, field) < 1:
             raise SystemExit(f"transfer_probe: --{field.replace('_', '-')} must be at least 1")
     return budget
 
