@@ -127,3 +127,13 @@ def tiny_network(num_classes: int = 1, input_channels: int = 1):
     arch = RESENC_TINY.architecture()
     return get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"],
                                   input_channels, num_classes, deep_supervision=False)
+
+
+def assert_encoder_only_checkpoint(checkpoint: dict) -> None:
+    """``network_weights`` holds only ``encoder.*`` keys that load strictly into a fresh tiny network's encoder, and
+    the adaptation plan points the fine-tuning path at them (VoCo, AMAES: heads/decoders are not transferable)."""
+    weights = checkpoint["network_weights"]
+    assert weights and all(k.startswith("encoder.") for k in weights)
+    tiny_network().encoder.load_state_dict({k[len("encoder."):]: v for k, v in weights.items()}, strict=True)
+    plan = checkpoint["nnssl_adaptation_plan"]
+    assert plan["key_to_encoder"] == "encoder.stages" and plan["key_to_stem"] == "encoder.stem"

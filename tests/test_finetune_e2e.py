@@ -2,12 +2,10 @@
 
 import json
 
-import numpy as np
 import pytest
-import SimpleITK as sitk
 import torch
 
-from conftest import run_command, write_labeled_dataset
+from conftest import run_command, tiny_network, write_labeled_dataset
 
 SMOKE_3 = {"nnssl_num_epochs": "3", "nnssl_iterations_per_epoch": "2", "nnssl_val_iterations_per_epoch": "1"}
 
@@ -21,12 +19,9 @@ def tiny_plans_architecture() -> dict:
 def write_nnssl_layout_checkpoint(path, seed: int = 0) -> dict:
     """A checkpoint in nnssl's documented layout: Spark-style stale .conv/.norm aliases, a wrapper prefix, the
     adaptation plan with an 'onemmiso' pretraining configuration, citations."""
-    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-
     torch.manual_seed(seed)
     arch = tiny_plans_architecture()
-    network = get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"],
-                                     1, 1, deep_supervision=False)
+    network = tiny_network()
     weights = {}
     for key, value in network.state_dict().items():
         stale = ".conv." in key or ".norm." in key

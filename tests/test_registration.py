@@ -5,7 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 LOOKUP = ("from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as find; "
           "import nnunetv2.utilities.find_class_by_name as f, nnunetv2, os; "
