@@ -6,8 +6,10 @@ Two products:
   anisotropic), orientations (axis permutations/flips and an oblique one), sizes, intensity ranges, pixel types
   (uint16, int16, float32) and formats (.nii.gz, .nrrd, .mha); anatomy masks (head = 1) for every other image in
   ``DIR/unlabeled_masks/anatomy/`` under the image's file name. Input for ``nnssl_ingest``.
-* ``$nnUNet_raw/Dataset{ID:03d}_nnsslDemoLabeled``: a labeled nnU-Net dataset whose target (label 1) is a bright
-  ellipsoid of varying size and position inside the head, easy for a small network to learn.
+* ``$nnUNet_raw/Dataset{ID:03d}_nnsslDemoLabeled``: a labeled nnU-Net dataset whose target (label 1) is the pair of
+  lateral ventricles, drawn from the same synthetic anatomy as the unlabeled heads (so pretraining has something to
+  transfer). They have CSF intensity, like the CSF rim under the skull, so no intensity threshold finds them: they
+  are defined by shape and position (size and place vary per head).
 
 The head is defined in world (mm) coordinates and sampled on each image's own grid, so a volume stored with an
 unusual orientation still shows a correctly oriented head once its geometry is applied. Every volume draws from
@@ -32,7 +34,8 @@ Write small, reproducible synthetic head MRI so nnssl can be tried without real 
                                  (.nii.gz, .nrrd, .mha), the input for nnssl_ingest
   DIR/unlabeled_masks/anatomy/   head masks for every other volume, same file names (nnssl_ingest --anatomy_masks)
   $nnUNet_raw/Dataset<ID>_nnsslDemoLabeled
-                                 labeled nnU-Net dataset: label 1 = a bright ellipsoid inside the head
+                                 labeled nnU-Net dataset: label 1 = the lateral ventricles (CSF intensity, found
+                                 by shape and position, not by a threshold)
 The same seed always gives the same data."""
 DEFAULT_LABELED_ID = 502
 LABELED_NAME = "nnsslDemoLabeled"
@@ -43,7 +46,7 @@ PIXEL_TYPES = (np.uint16, np.int16, np.float32)
 UNLABELED_STREAM, LABELED_STREAM = 1, 2
 
 # T1-like tissue intensities before scaling: outside -> inside
-SCALP, SKULL, CSF, GREY, WHITE, TARGET = 0.75, 0.08, 0.2, 0.45, 0.65, 1.0
+SCALP, SKULL, CSF, GREY, WHITE = 0.75, 0.08, 0.2, 0.45, 0.65
 EDGE_MM = 0.7  # width of the soft tissue boundaries
 
 
@@ -123,32 +126,55 @@ def _field(points: np.ndarray, waves: tuple) -> np.ndarray:
     return total / amplitudes.sum()
 
 
-def render_head(points: np.ndarray, semi_axes: np.ndarray, rng: np.random.Generator,
-                target: Optional[Tuple[np.ndarray, np.ndarray]] = None) -> Tuple[np.ndarray, np.ndarray]:
+@dataclass(frozen=True)
+class HeadAnatomy:
+    """One head's geometry (mm, head centre at 0): ellipsoid semi-axes and the two lateral ventricles."""
+
+    semi_axes: np.ndarray
+    ventricle_centres: Tuple[np.ndarray, np.ndarray]
+    ventricle_radii: Tuple[np.ndarray, np.ndarray]
+
+    @classmethod
+    def draw(cls, semi_axes: np.ndarray, rng: np.random.Generator) -> "HeadAnatomy":
+        """Ventricles of random size (about 0.75-1.3x) and slight random placement and asymmetry."""
+        scale, shift = rng.uniform(0.75, 1.3), rng.uniform(-0.04, 0.04, 3)
+        centres, radii = [], []
+        for side in (-1, 1):
+            centres.append((np.array([side * 0.17, 0.05, 0.12]) + shift + rng.uniform(-0.015, 0.015, 3)) * semi_axes)
+            radii.append(np.array([0.1, 0.3, 0.15]) * scale * rng.uniform(0.9, 1.1, 3) * semi_axes)
+        return cls(semi_axes, tuple(centres), tuple(radii))
+
+    def ventricles(self, points: np.ndarray) -> np.ndarray:
+        """Boolean mask of the ventricles at ``points``."""
+        inside = np.zeros(points.shape[1:], dtype=bool)
+        for centre, radii in zip(self.ventricle_centres, self.ventricle_radii):
+            inside |= _ellipsoid_radius(points, centre, radii) <= 1.0
+        return inside
+
+
+def render_head(points: np.ndarray, anatomy: HeadAnatomy, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
     """Noisy head intensities (>= 0) and the head mask at ``points`` (mm, head centre at 0).
 
-    Layers: scalp, skull, CSF, folded grey/white matter with texture, two ventricles, a few blob structures,
-    optionally a bright ``target`` ellipsoid (centre, radii); then a smooth bias field and Rician noise.
+    Layers: scalp, skull, CSF, folded grey/white matter with CSF-filled sulci and texture, the two ventricles (CSF),
+    a few blob
+    structures; then a smooth bias field and Rician noise.
     """
+    semi_axes = anatomy.semi_axes
     q = _ellipsoid_radius(points, np.zeros(3), semi_axes)
     width = EDGE_MM / semi_axes.mean()
     texture, folds = _field(points, _waves(rng, 8, (6, 20))), _field(points, _waves(rng, 6, (8, 14)))
     values = np.zeros(q.shape)
-    for edge, level in ((1.0, SCALP), (0.94, SKULL), (0.87, CSF), (0.83, GREY)):
+    for edge, level in ((1.0, SCALP), (0.94, SKULL), (0.87, CSF), (0.8, GREY)):
         values += (level - values) * _inside(q, edge, width)
+    values += (CSF - values) * _inside(0.55 - folds, 0.0, 0.08) * _inside(q, 0.8, width)  # sulci: CSF in the cortex
     values += (WHITE - values) * _inside(q + 0.05 * folds, 0.62, width)
-    for side in (-1, 1):
-        ventricle = np.array([side * 0.17, 0.05, 0.12]) * semi_axes
-        radii = np.array([0.08, 0.3, 0.14]) * semi_axes
-        values += (CSF - values) * _inside(_ellipsoid_radius(points, ventricle, radii), 1.0, EDGE_MM / radii.mean())
     for _ in range(rng.integers(2, 5)):
         centre = rng.uniform(-0.45, 0.45, 3) * semi_axes
         radii = rng.uniform(3, 8, 3)
         level = rng.choice([0.3, 0.38, 0.55])
         values += (level - values) * _inside(_ellipsoid_radius(points, centre, radii), 1.0, EDGE_MM / radii.mean())
-    if target is not None:
-        centre, radii = target
-        values += (TARGET - values) * _inside(_ellipsoid_radius(points, centre, radii), 1.0, 0.3 / radii.mean())
+    for centre, radii in zip(anatomy.ventricle_centres, anatomy.ventricle_radii):
+        values += (CSF - values) * _inside(_ellipsoid_radius(points, centre, radii), 1.0, EDGE_MM / radii.mean())
     values *= 1 + 0.1 * texture
     bias = _waves(rng, 1, (150, 250))
     gradient = rng.normal(size=3) * 0.0006
@@ -185,27 +211,25 @@ def unlabeled_volume(seed: int, index: int) -> Tuple[sitk.Image, sitk.Image, str
     size = np.ceil(2 * half_extent / spacing).astype(int)
     centre = rng.uniform(-20, 20, 3)
     grid = centred_grid(size, spacing, direction, centre + rng.uniform(-3, 3, 3))
-    values, head = render_head(grid.world_coordinates() - centre[:, None, None, None], semi_axes, rng)
+    anatomy = HeadAnatomy.draw(semi_axes, rng)
+    values, head = render_head(grid.world_coordinates() - centre[:, None, None, None], anatomy, rng)
     pixel_type = PIXEL_TYPES[(index + index // 3) % len(PIXEL_TYPES)]
     return (grid.image(to_pixel_type(values, pixel_type, rng)), grid.image(head.astype(np.uint8)),
             FORMATS[index % len(FORMATS)])
 
 
 def labeled_case(seed: int, index: int) -> Tuple[sitk.Image, sitk.Image]:
-    """Case ``index`` of the labeled set: (image, label with 1 = bright target ellipsoid)."""
+    """Case ``index`` of the labeled set: (image, label with 1 = the lateral ventricles)."""
     rng = _stream(seed, LABELED_STREAM, index)
     size = rng.integers(64, 97, 3)
     spacing = rng.uniform(0.9, 1.2, 3)
     direction = np.eye(3) if index % 2 == 0 else np.diag([-1.0, -1.0, 1.0])
     semi_axes = size * spacing / 2 - rng.uniform(3, 6, 3)
-    offset = rng.normal(size=3)
-    target_centre = offset / np.linalg.norm(offset) * rng.uniform(0, 0.4) * semi_axes
-    target_radii = rng.uniform(5, 10, 3)
+    anatomy = HeadAnatomy.draw(semi_axes, rng)
     grid = centred_grid(size, spacing, direction, np.zeros(3))
     points = grid.world_coordinates()
-    values, _ = render_head(points, semi_axes, rng, (target_centre, target_radii))
-    label = (_ellipsoid_radius(points, target_centre, target_radii) <= 1.0).astype(np.uint8)
-    return grid.image(to_pixel_type(values, np.uint16, rng)), grid.image(label)
+    values, _ = render_head(points, anatomy, rng)
+    return grid.image(to_pixel_type(values, np.uint16, rng)), grid.image(anatomy.ventricles(points).astype(np.uint8))
 
 
 def write_unlabeled(output_folder: Path, count: int, seed: int) -> List[Path]:
@@ -244,9 +268,9 @@ def write_labeled_dataset(dataset_folder: Path, count: int, seed: int) -> Path:
         sitk.WriteImage(label, str(labels / f"{case}.nii.gz"), True)
     (dataset_folder / "dataset.json").write_text(json.dumps({
         "name": LABELED_NAME,
-        "description": "nnssl synthetic demo: segment the bright ellipsoid inside a synthetic head MRI",
+        "description": "nnssl synthetic demo: segment the lateral ventricles of a synthetic head MRI",
         "channel_names": {"0": "MRI"},
-        "labels": {"background": 0, "structure": 1},
+        "labels": {"background": 0, "ventricles": 1},
         "numTraining": count,
         "file_ending": ".nii.gz",
     }, indent=2) + "\n")

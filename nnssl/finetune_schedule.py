@@ -1,80 +1,90 @@
-"""Fine-tuning learning-rate schedules, per iteration (S3D paper, Table 2 and Table 8).
+"""Fine-tuning learning rates per iteration, derived from a ``FinetuneRecipe`` and the run's length.
 
-Default (the paper's best): stage 1 warms up the fresh decoder alone (encoder frozen) with a linear ramp to the
-peak LR, stage 2 warms up the whole network with a second linear ramp, stage 3 decays from the peak (poly 0.9, or
-cosine). Freezing is expressed as a zero learning rate for the encoder parameter group, which leaves the weights
-bit-identical and stays correct under DDP and torch.compile (no parameter ever stops receiving gradients).
+Stage 1 warms up the fresh decoder alone (encoder frozen) with a linear ramp to the peak LR, stage 2 warms up the
+whole network with a second linear ramp, stage 3 decays from the peak (poly 0.9, or cosine) to zero at the last
+iteration. The stages are fractions of the run's total iterations (at least one iteration each when the fraction
+is positive), so a 100-iteration smoke run has the same shape as the paper's 250k-iteration run. Freezing is a zero
+learning rate for the encoder parameter group: the weights stay bit-identical, and it stays correct under DDP and
+torch.compile (no parameter ever stops receiving gradients).
 """
 
 import math
 from dataclasses import dataclass
+from typing import Optional
+
+from nnssl.finetune_recipe import FinetuneRecipe
+
+POLY_EXPONENT = 0.9
+
+
+def _stage_length(fraction: float, total_iterations: int) -> int:
+    return max(1, round(fraction * total_iterations)) if fraction > 0 else 0
 
 
 @dataclass(frozen=True)
 class FinetuneSchedule:
-    peak_lr: float
-    num_epochs: int
-    iterations_per_epoch: int
-    decoder_warmup_epochs: int = 50
-    full_warmup_epochs: int = 50
-    decay: str = "poly"  # "poly" (exponent 0.9) or "cosine"
-    freeze_encoder_throughout: bool = False
-    freeze_encoder_in_decoder_warmup: bool = True
-    poly_exponent: float = 0.9
-    default_num_epochs: int = 1000
+    recipe: FinetuneRecipe
+    total_iterations: int
 
-    def __post_init__(self):
-        if self.decay not in ("poly", "cosine"):
-            raise ValueError(f"decay must be 'poly' or 'cosine', not {self.decay!r}")
-        if self.decoder_warmup_epochs + self.full_warmup_epochs >= self.num_epochs:
-            raise ValueError(f"warm-ups of {self.decoder_warmup_epochs} + {self.full_warmup_epochs} epochs leave no "
-                             f"training stage in {self.num_epochs} epochs; use fitted_to()")
+    def __post_init__(self) -> None:
+        if self.decoder_warmup_iterations + self.full_warmup_iterations >= self.total_iterations:
+            raise ValueError(f"{self.total_iterations} iterations are too few for the recipe's warm-ups "
+                             f"({self.decoder_warmup_iterations} + {self.full_warmup_iterations}) and a decay stage")
 
-    @classmethod
-    def fitted_to(cls, num_epochs: int, **settings) -> "FinetuneSchedule":
-        """The schedule for ``num_epochs``; warm-ups that would not fit are scaled by num_epochs / 1000 (min 1).
+    @property
+    def decoder_warmup_iterations(self) -> int:
+        return _stage_length(self.recipe.decoder_warmup_fraction, self.total_iterations)
 
-        Shorter variants such as ``_150ep`` keep the full 50 + 50 warm-ups (paper, Table 8); only smoke runs with a
-        handful of epochs get scaled warm-ups.
-        """
-        decoder = settings.pop("decoder_warmup_epochs", 50)
-        full = settings.pop("full_warmup_epochs", 50)
-        if decoder + full >= num_epochs:
-            scale = num_epochs / settings.get("default_num_epochs", 1000)
-            decoder = max(1, round(decoder * scale)) if decoder else 0
-            full = max(1, round(full * scale)) if full else 0
-            while decoder + full >= num_epochs and (decoder or full):
-                if decoder >= full and decoder:
-                    decoder -= 1
-                else:
-                    full -= 1
-        return cls(num_epochs=num_epochs, decoder_warmup_epochs=decoder, full_warmup_epochs=full, **settings)
+    @property
+    def full_warmup_iterations(self) -> int:
+        return _stage_length(self.recipe.full_warmup_fraction, self.total_iterations)
 
-    def stage(self, epoch: int) -> int:
-        if epoch < self.decoder_warmup_epochs:
+    @property
+    def unfreeze_step(self) -> Optional[int]:
+        """The iteration at which a frozen encoder starts to learn (its optimizer state must be reset there)."""
+        if self.recipe.freeze_encoder_throughout or not self.recipe.freezes_encoder_in_decoder_warmup:
+            return None
+        return self.decoder_warmup_iterations
+
+    def stage(self, step: int) -> int:
+        if step < self.decoder_warmup_iterations:
             return 1
-        if epoch < self.decoder_warmup_epochs + self.full_warmup_epochs:
+        if step < self.decoder_warmup_iterations + self.full_warmup_iterations:
             return 2
         return 3
 
-    def lr(self, epoch: int, iteration: int) -> float:
-        """The LR of the (decoder) parameter group at ``iteration`` of ``epoch``."""
-        ipe = self.iterations_per_epoch
-        stage = self.stage(epoch)
+    def lr(self, step: int) -> float:
+        """The LR of the decoder parameter group at global iteration ``step`` (0-based)."""
+        peak = self.recipe.peak_lr
+        stage = self.stage(step)
         if stage == 1:
-            step, length = epoch * ipe + iteration, self.decoder_warmup_epochs * ipe
-            return self.peak_lr * (step + 1) / length
+            return peak * (step + 1) / self.decoder_warmup_iterations
         if stage == 2:
-            step = (epoch - self.decoder_warmup_epochs) * ipe + iteration
-            return self.peak_lr * (step + 1) / (self.full_warmup_epochs * ipe)
-        start = self.decoder_warmup_epochs + self.full_warmup_epochs
-        progress = ((epoch - start) * ipe + iteration) / ((self.num_epochs - start) * ipe)
-        if self.decay == "cosine":
-            return self.peak_lr * 0.5 * (1 + math.cos(math.pi * progress))
-        return self.peak_lr * (1 - progress) ** self.poly_exponent
+            return peak * (step - self.decoder_warmup_iterations + 1) / self.full_warmup_iterations
+        start = self.decoder_warmup_iterations + self.full_warmup_iterations
+        progress = (step - start) / (self.total_iterations - start)
+        if self.recipe.decay == "cosine":
+            return peak * 0.5 * (1 + math.cos(math.pi * progress))
+        return peak * (1 - progress) ** POLY_EXPONENT
 
-    def encoder_lr(self, epoch: int, iteration: int) -> float:
-        """Zero while the encoder is frozen (stage 1, or always for frozen-encoder fine-tuning)."""
-        if self.freeze_encoder_throughout or (self.freeze_encoder_in_decoder_warmup and self.stage(epoch) == 1):
+    def encoder_lr(self, step: int) -> float:
+        """Zero while the encoder is frozen (stage 1 with a pretrained encoder, or always when frozen throughout)."""
+        if self.recipe.freeze_encoder_throughout or (self.recipe.freezes_encoder_in_decoder_warmup
+                                                     and self.stage(step) == 1):
             return 0.0
-        return self.lr(epoch, iteration)
+        return self.lr(step)
+
+    def describe(self) -> str:
+        """One log line that says what this run really does."""
+        recipe, parts = self.recipe, []
+        if self.decoder_warmup_iterations:
+            frozen = "encoder frozen" if recipe.freezes_encoder_in_decoder_warmup else "encoder learning"
+            parts.append(f"decoder warm-up {self.decoder_warmup_iterations} iterations ({frozen})")
+        if self.full_warmup_iterations:
+            parts.append(f"whole-network warm-up {self.full_warmup_iterations} iterations")
+        parts.append(f"{recipe.decay} decay to iteration {self.total_iterations}")
+        start = ("random initialisation" if not recipe.loads_pretrained
+                 else "pretrained " + " + ".join(recipe.transfer_parts))
+        return (f"{start}; " + ", then ".join(parts) + f"; peak LR {recipe.peak_lr}, {recipe.optimizer}, deep "
+                f"supervision {'on' if recipe.deep_supervision else 'off'}"
+                + ("; encoder frozen throughout" if recipe.freeze_encoder_throughout else ""))

@@ -7,6 +7,7 @@ the trainer's own defaults and over ``_5epochs``-style variants.
 
 from nnssl.environment import positive_int_from_environment
 
+VALIDATION_TTA_OFF_VARIABLE = "nnssl_val_disable_tta"
 SCHEDULE_VARIABLES = {
     "nnssl_num_epochs": "num_epochs",
     "nnssl_iterations_per_epoch": "num_iterations_per_epoch",

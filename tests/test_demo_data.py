@@ -9,6 +9,7 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import run_command
+from nnssl.threshold_dice import best_threshold_dice
 from nnssl.demo_data import ANATOMY_MASK_FOLDER, LABELED_NAME, UNLABELED_FOLDER, labeled_case, main, write_unlabeled
 
 DEMO_ID = 502
@@ -84,13 +85,13 @@ def test_unlabeled_volumes_mix_formats_spacings_orientations_and_pixel_types(dem
         assert values[head].mean() > 3 * np.abs(values[~head]).mean()  # the head is brighter than the air
 
 
-def test_labeled_dataset_is_a_valid_nnunet_dataset_with_a_learnable_target(demo):
+def test_labeled_dataset_is_a_valid_nnunet_dataset_whose_target_no_threshold_finds(demo):
     from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
 
     folder = demo["labeled"]
     dataset_json = json.loads((folder / "dataset.json").read_text())
     assert dataset_json["channel_names"] == {"0": "MRI"}
-    assert dataset_json["labels"] == {"background": 0, "structure": 1}
+    assert dataset_json["labels"] == {"background": 0, "ventricles": 1}
     assert dataset_json["numTraining"] == 6 and dataset_json["file_ending"] == ".nii.gz"
     assert sorted(p.name for p in (folder / "imagesTr").iterdir()) == [f"demo_{i:03d}_0000.nii.gz" for i in range(6)]
     for index in range(6):
@@ -102,7 +103,9 @@ def test_labeled_dataset_is_a_valid_nnunet_dataset_with_a_learnable_target(demo)
         values = sitk.GetArrayFromImage(image).astype(float)
         assert set(np.unique(sitk.GetArrayFromImage(label))) == {0, 1}
         assert 0.001 < target.mean() < 0.1
-        assert np.median(values[target]) > np.percentile(values[~target], 97)  # bright, hence easy to learn
+        # CSF-dark, inside the head's intensity range, and no intensity threshold segments them
+        assert np.percentile(values[~target], 20) < np.median(values[target]) < np.percentile(values[~target], 80)
+        assert best_threshold_dice(values, target) < 0.15
     verify_dataset_integrity(str(folder), num_processes=1)
     assert str(folder) in demo["stdout"]
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import run_command, tiny_network, write_labeled_dataset
+from nnssl.finetune_recipe import DEFAULT_RECIPE
 
 SMOKE_3 = {"nnssl_num_epochs": "3", "nnssl_iterations_per_epoch": "2", "nnssl_val_iterations_per_epoch": "1"}
 
@@ -72,7 +73,8 @@ def test_prepare_and_warmup_stages_from_an_nnssl_layout_checkpoint(nnunet_dirs, 
     tiny = json.loads((nnunet_dirs["nnUNet_preprocessed"] / folder.name / "nnsslPlansTiny.json").read_text())
     assert tiny["configurations"]["3d_fullres"]["architecture"] == config["architecture"]
 
-    # in-process: per-iteration LR, encoder (with replicated stem) bit-identical through stage 1, then learning
+    # in-process: per-iteration LR (6 iterations: 1 decoder warm-up, 1 whole-network warm-up, 4 of poly decay),
+    # encoder (with replicated stem) bit-identical through the decoder warm-up, then learning
     monkeypatch.setenv("nnUNet_n_proc_DA", "0")
     for variable, value in SMOKE_3.items():
         monkeypatch.setenv(variable, value)
@@ -86,32 +88,54 @@ def test_prepare_and_warmup_stages_from_an_nnssl_layout_checkpoint(nnunet_dirs, 
     assert torch.allclose(stem, trained["encoder.stem.convs.0.all_modules.0.weight"].repeat(1, 2, 1, 1, 1) / 2)
     encoder_before = {k: v.clone() for k, v in network.encoder.state_dict().items()}
     decoder_before = {k: v.clone() for k, v in network.decoder.stages.state_dict().items()}
-    lrs = []
+    lrs, encoder_unchanged = [], []
     for epoch in range(3):
         trainer.on_train_epoch_start()
         for _ in range(2):
             trainer.train_step(next(trainer.dataloader_train))
             lrs.append({g["nnssl_part"]: g["lr"] for g in trainer.optimizer.param_groups})
+            encoder_unchanged.append(all(torch.equal(v, encoder_before[k])
+                                         for k, v in network.encoder.state_dict().items()))
+            if len(lrs) == 1:
+                assert any(not torch.equal(v, decoder_before[k])
+                           for k, v in network.decoder.stages.state_dict().items())
         if epoch == 0:
-            assert all(torch.equal(v, encoder_before[k]) for k, v in network.encoder.state_dict().items())
-            assert any(not torch.equal(v, decoder_before[k]) for k, v in network.decoder.stages.state_dict().items())
-            trainer.save_checkpoint(str(tmp_path / "after_stage_1.pth"))  # as nnU-Net's on_epoch_end: save, then +1
+            trainer.save_checkpoint(str(tmp_path / "after_epoch_0.pth"))  # as nnU-Net's on_epoch_end: save, then +1
         trainer.current_epoch += 1
-    assert any(not torch.equal(v, encoder_before[k]) for k, v in network.encoder.state_dict().items())
-    expected = [(1e-3 * 1 / 2, 0.0), (1e-3, 0.0), (1e-3 / 2, 1e-3 / 2), (1e-3, 1e-3), (1e-3, 1e-3),
-                (1e-3 * 0.5 ** 0.9, 1e-3 * 0.5 ** 0.9)]
+    assert encoder_unchanged == [True] + [False] * 5
+    peak = DEFAULT_RECIPE.peak_lr
+    expected = [(peak, 0.0), (peak, peak)] + [(peak * (1 - k / 4) ** 0.9,) * 2 for k in range(4)]
     assert [(round(d["decoder"], 9), round(d["encoder"], 9)) for d in lrs] == \
         [(round(a, 9), round(b, 9)) for a, b in expected]
+    assert trainer.enable_deep_supervision is DEFAULT_RECIPE.deep_supervision
     trainer.on_train_end()
+    log = open(trainer.log_file).read()
+    assert "pretrained stem + encoder; decoder warm-up 1 iterations (encoder frozen)" in log
+    assert "Encoder unfrozen at iteration 1" in log
 
-    # --c after a kill at the end of stage 1: the resumed run starts stage 2 with the stage-2 LR for both groups
+    # --c after a kill at the end of epoch 0: the resumed run continues at global iteration 2 for both groups
     resumed = get_trainer_from_args("41", "3d_fullres", 0, "nnsslFinetuneTrainer", "nnsslFinetunePlans",
                                     continue_training=True, device=torch.device("cpu"))
-    resumed.load_checkpoint(str(tmp_path / "after_stage_1.pth"))
+    resumed.load_checkpoint(str(tmp_path / "after_epoch_0.pth"))
     assert resumed.current_epoch == 1
     resumed.on_train_epoch_start()
     assert {g["nnssl_part"]: g["lr"] for g in resumed.optimizer.param_groups} == pytest.approx(
-        {"decoder": 1e-3 / 2, "encoder": 1e-3 / 2})
+        {"decoder": expected[2][0], "encoder": expected[2][1]})
+
+
+def test_scratch_twin_log_says_random_init_and_nothing_frozen(nnunet_dirs, tmp_path):
+    folder, _, _ = prepared_two_channel_dataset(nnunet_dirs, tmp_path)
+    run_command(["nnUNetv2_train", 41, "3d_fullres", 0, "-tr", "nnsslFinetuneTrainer_scratch", "-p",
+                 "nnsslFinetunePlans", "-device", "cpu"], extra_env={**SMOKE_3, "nnssl_val_disable_tta": "1"})
+    model = (nnunet_dirs["nnUNet_results"] / folder.name / "nnsslFinetuneTrainer_scratch__nnsslFinetunePlans__3d_fullres"
+             / "fold_0")
+    log = next(model.glob("training_log_*.txt")).read_text()
+    assert "random initialisation; whole-network warm-up 1 iterations, then poly decay to iteration 6" in log
+    assert "frozen" not in log and "Pretrained weights" not in log
+    assert "nnssl_val_disable_tta: validation without mirroring" in log
+    assert (model / "validation" / "summary.json").is_file()
+    checkpoint = torch.load(model / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert checkpoint["inference_allowed_mirroring_axes"] == (0, 1, 2)  # prediction still mirrors
 
 
 def test_bad_checkpoints_give_clear_errors(nnunet_dirs, tmp_path):

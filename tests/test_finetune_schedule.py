@@ -1,40 +1,60 @@
-"""Per-iteration fine-tuning learning rates (nnssl.finetune_schedule)."""
+"""Fine-tuning recipes and their per-iteration learning rates (nnssl.finetune_recipe, nnssl.finetune_schedule)."""
+
+from dataclasses import replace
 
 import pytest
 
+from nnssl.finetune_recipe import DEFAULT_RECIPE, PAPER_RECIPE, FinetuneRecipe
 from nnssl.finetune_schedule import FinetuneSchedule
 
 
-def test_three_stages_per_iteration():
-    s = FinetuneSchedule(peak_lr=1e-3, num_epochs=1000, iterations_per_epoch=250)
-    ramp = 50 * 250
-    assert s.lr(0, 0) == pytest.approx(1e-3 / ramp) and s.encoder_lr(0, 0) == 0.0
-    assert s.lr(24, 249) == pytest.approx(1e-3 * 25 * 250 / ramp)
-    assert s.lr(49, 249) == pytest.approx(1e-3) and s.encoder_lr(49, 249) == 0.0
-    assert s.lr(50, 0) == pytest.approx(1e-3 / ramp) == s.encoder_lr(50, 0)
-    assert s.lr(99, 249) == pytest.approx(1e-3)
-    assert s.lr(100, 0) == pytest.approx(1e-3)
-    assert s.lr(550, 0) == pytest.approx(1e-3 * 0.5 ** 0.9)
-    assert 0 < s.lr(999, 249) < 1e-7
-    assert [s.stage(e) for e in (0, 49, 50, 99, 100, 999)] == [1, 1, 2, 2, 3, 3]
-    lrs = [s.lr(e, i) for e in range(100, 1000, 50) for i in (0, 125)]
-    assert lrs == sorted(lrs, reverse=True)
+def test_full_length_paper_run_keeps_the_papers_12500_plus_12500_warmups():
+    s = FinetuneSchedule(PAPER_RECIPE, total_iterations=1000 * 250)
+    assert (s.decoder_warmup_iterations, s.full_warmup_iterations) == (12500, 12500)
+    assert s.lr(0) == pytest.approx(1e-3 / 12500) and s.encoder_lr(0) == 0.0
+    assert s.lr(12499) == pytest.approx(1e-3) and s.encoder_lr(12499) == 0.0
+    assert s.lr(12500) == pytest.approx(1e-3 / 12500) == s.encoder_lr(12500)
+    assert s.unfreeze_step == 12500
+    assert s.lr(24999) == pytest.approx(1e-3) and s.lr(25000) == pytest.approx(1e-3)
+    assert s.lr(25000 + 112500) == pytest.approx(1e-3 * 0.5 ** 0.9)
+    assert 0 < s.lr(249999) < 1e-7
+    assert [s.stage(i) for i in (0, 12499, 12500, 24999, 25000, 249999)] == [1, 1, 2, 2, 3, 3]
+    decay = [s.lr(i) for i in range(25000, 250000, 5000)]
+    assert decay == sorted(decay, reverse=True)
 
 
-def test_variants_frozen_cosine_and_no_warmup():
-    frozen = FinetuneSchedule(peak_lr=1e-3, num_epochs=300, iterations_per_epoch=10, freeze_encoder_throughout=True)
-    assert all(frozen.encoder_lr(e, 3) == 0.0 for e in range(300))
-    cosine = FinetuneSchedule(peak_lr=1e-4, num_epochs=100, iterations_per_epoch=10, decoder_warmup_epochs=0,
-                              full_warmup_epochs=0, decay="cosine")
-    assert cosine.lr(0, 0) == pytest.approx(1e-4) and cosine.lr(50, 0) == pytest.approx(5e-5)
-    unfrozen = FinetuneSchedule(peak_lr=1e-3, num_epochs=300, iterations_per_epoch=10,
-                                freeze_encoder_in_decoder_warmup=False)
-    assert unfrozen.encoder_lr(3, 4) == unfrozen.lr(3, 4) > 0
+def test_short_runs_have_the_same_shape_and_most_iterations_at_high_lr():
+    smoke = FinetuneSchedule(DEFAULT_RECIPE, total_iterations=100)  # 5 epochs x 20 iterations
+    assert (smoke.decoder_warmup_iterations, smoke.full_warmup_iterations) == (5, 5)
+    assert [smoke.stage(i) for i in (4, 5, 9, 10)] == [1, 2, 2, 3]
+    # the old whole-epoch warm-ups spent 40 % of such a run ramping; now the summed LR is close to nnU-Net's poly
+    assert sum(smoke.lr(i) for i in range(100)) > 0.5 * sum(1e-2 * (1 - i / 100) ** 0.9 for i in range(100))
+    tiny = FinetuneSchedule(DEFAULT_RECIPE, total_iterations=6)
+    assert (tiny.decoder_warmup_iterations, tiny.full_warmup_iterations) == (1, 1)
+    with pytest.raises(ValueError, match="too few"):
+        FinetuneSchedule(DEFAULT_RECIPE, total_iterations=2)
 
 
-def test_short_runs_scale_the_warmups_and_150_epochs_keep_them():
-    assert (FinetuneSchedule.fitted_to(150, peak_lr=1e-3, iterations_per_epoch=1).full_warmup_epochs) == 50
-    smoke = FinetuneSchedule.fitted_to(3, peak_lr=1e-3, iterations_per_epoch=2)
-    assert [smoke.stage(e) for e in range(3)] == [1, 2, 3]
-    with pytest.raises(ValueError, match="leave no training stage"):
-        FinetuneSchedule(peak_lr=1e-3, num_epochs=80, iterations_per_epoch=1)
+def test_scratch_twin_has_no_decoder_ramp_and_nothing_frozen():
+    scratch = FinetuneSchedule(DEFAULT_RECIPE.from_scratch(), total_iterations=200)
+    assert scratch.decoder_warmup_iterations == 0 and scratch.full_warmup_iterations == 10
+    assert scratch.unfreeze_step is None
+    assert all(scratch.encoder_lr(i) == scratch.lr(i) > 0 for i in range(200))
+    assert "random initialisation" in scratch.describe() and "frozen" not in scratch.describe()
+    assert "encoder frozen" in FinetuneSchedule(DEFAULT_RECIPE, 200).describe()
+
+
+def test_variants_frozen_cosine_and_invalid_choices():
+    frozen = FinetuneSchedule(replace(DEFAULT_RECIPE, freeze_encoder_throughout=True), total_iterations=300)
+    assert all(frozen.encoder_lr(i) == 0.0 for i in range(300)) and frozen.unfreeze_step is None
+    cosine = FinetuneSchedule(replace(DEFAULT_RECIPE, peak_lr=1e-4, decay="cosine", decoder_warmup_fraction=0,
+                                      full_warmup_fraction=0), total_iterations=100)
+    assert cosine.lr(0) == pytest.approx(1e-4) and cosine.lr(50) == pytest.approx(5e-5)
+    with pytest.raises(ValueError, match="optimizer"):
+        FinetuneRecipe(optimizer="adam")
+    with pytest.raises(ValueError, match="decay"):
+        FinetuneRecipe(decay="step")
+    with pytest.raises(ValueError, match="no decay stage"):
+        FinetuneRecipe(decoder_warmup_fraction=0.5, full_warmup_fraction=0.5)
+    with pytest.raises(ValueError, match="transfer_parts"):
+        FinetuneRecipe(transfer_parts=("encoder", "head"))

@@ -2,17 +2,28 @@
 
 from typing import Optional
 
-from nnssl.schedule import apply_schedule_overrides
+import torch.distributed as dist
+
+from nnssl.environment import flag_from_environment
+from nnssl.schedule import VALIDATION_TTA_OFF_VARIABLE, apply_schedule_overrides
+from nnssl.seeding import SEED_VARIABLE, seed_from_environment, seed_process, seeded_augmenters, stream_seed
 
 
 class nnsslTrainerMixin:
-    """Schedule handling common to all nnssl trainers.
+    """Schedule and seeding common to all nnssl trainers.
 
-    Applied right before nnU-Net builds the optimizer and LR schedule in ``initialize()``: first the length of a
-    ``_Nepochs`` variant (``fixed_num_epochs``), then the ``nnssl_*`` smoke-run variables, which win over both.
+    Applied right before nnU-Net builds the network, optimizer and LR schedule in ``initialize()``: first the length
+    of a ``_Nepochs`` variant (``fixed_num_epochs``), then the ``nnssl_*`` smoke-run variables, which win over both;
+    with ``nnssl_seed`` set, the process is seeded there too, and ``get_dataloaders`` builds seeded augmenters.
+    ``nnssl_val_disable_tta=1`` validates without mirroring (8x faster on 3D; the checkpoint keeps its mirroring
+    axes, so ``nnUNetv2_predict`` still mirrors).
     """
 
     fixed_num_epochs: Optional[int] = None
+
+    @property
+    def nnssl_rank(self) -> int:
+        return dist.get_rank() if self.is_ddp else 0
 
     def initialize(self):
         if not self.was_initialized:
@@ -21,4 +32,26 @@ class nnsslTrainerMixin:
             applied = apply_schedule_overrides(self)
             if applied:
                 self.print_to_log_file(f"nnssl schedule overrides from the environment: {applied}")
+            seed = seed_from_environment()
+            if seed is not None:
+                seed_process(stream_seed(seed, self.nnssl_rank))
+                self.print_to_log_file(f"{SEED_VARIABLE}={seed}: Python, numpy, torch and the augmentation workers "
+                                       f"are seeded (rank {self.nnssl_rank})")
         super().initialize()
+
+    def get_dataloaders(self):
+        seed = seed_from_environment()
+        if seed is None:
+            return super().get_dataloaders()
+        with seeded_augmenters(seed, self.nnssl_rank):
+            return super().get_dataloaders()
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        if not flag_from_environment(VALIDATION_TTA_OFF_VARIABLE):
+            return super().perform_actual_validation(save_probabilities)
+        axes, self.inference_allowed_mirroring_axes = self.inference_allowed_mirroring_axes, None
+        self.print_to_log_file(f"{VALIDATION_TTA_OFF_VARIABLE}: validation without mirroring")
+        try:
+            return super().perform_actual_validation(save_probabilities)
+        finally:
+            self.inference_allowed_mirroring_axes = axes
