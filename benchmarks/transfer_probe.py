@@ -5,7 +5,8 @@ Everything runs through the user's commands (console scripts in subprocesses wit
 1. per seed, ``nnssl_demo_data --seed SEED``: unlabeled synthetic heads and a labeled Dataset502 whose target, the
    lateral ventricles, comes from the same synthetic anatomy and is not found by any intensity threshold (the best
    single-threshold Dice of the held-out cases is printed as a sanity line);
-2. ``nnssl_ingest`` -> Dataset501, ``nnUNetv2_plan_and_preprocess -pl nnsslPlannerTiny``, then each pretraining
+2. ``nnssl_ingest`` -> Dataset501, ``nnUNetv2_plan_and_preprocess -pl PLANNER`` (``nnsslPlannerMini`` on the CPU:
+   the tiny network at 1.5 mm with a 48^3 patch, a third of the tiny preset's step cost), then each pretraining
    trainer once per seed (``nnssl_seed=SEED``); its ``checkpoint_final.pth`` is cached under ``--cache`` and reused
    by later probe runs with the same data, pretraining budget and seed;
 3. ``nnssl_prepare_finetune -d 502`` and a ``splits_final.json`` whose fold k trains on the first n_k labeled cases
@@ -29,6 +30,7 @@ two budgets; about 30 minutes on 2 CPU cores), ``--gpu`` (sized for one GPU). Ev
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -37,7 +39,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -46,7 +47,8 @@ from _common import print_ratio_lines, print_table
 
 UNLABELED_ID, LABELED_ID = 501, 502
 UNLABELED_DATASET, LABELED_DATASET = "Dataset501_DemoUnlabeled", "Dataset502_nnsslDemoLabeled"
-PRETRAIN_PLANS, FINETUNE_PLANS = "nnsslPlansTiny", "nnsslFinetunePlans"
+FINETUNE_PLANS = "nnsslFinetunePlans"
+PLANNERS = {"nnsslPlannerMini": "nnsslPlansMini", "nnsslPlannerTiny": "nnsslPlansTiny"}
 NNUNET_FOLDERS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
 VAL_ITERATIONS = 1  # the per-epoch validation loss is only logged; the Dice comes from nnU-Net's final validation
 DEFAULT_ARMS = ("nnsslFinetuneTrainer", "nnsslFinetuneTrainer_scratch", "nnsslTrainer")
@@ -64,15 +66,15 @@ class Budget:
     pretrain_epochs: int
     pretrain_iterations: int
     finetune: tuple[tuple[int, int], ...]
-    parallel: int
+    planner: str
 
 
 QUICK = Budget(seeds=(0,), num_unlabeled=2, labeled=(1,), num_heldout=1, pretrain_epochs=1, pretrain_iterations=2,
-               finetune=((2, 3),), parallel=1)
-CPU = Budget(seeds=(0, 1, 2), num_unlabeled=8, labeled=(1, 2, 4), num_heldout=3, pretrain_epochs=10,
-             pretrain_iterations=40, finetune=((5, 12), (10, 20)), parallel=2)
+               finetune=((2, 3),), planner="nnsslPlannerMini")
+CPU = Budget(seeds=(0, 1, 2), num_unlabeled=8, labeled=(1, 2, 4), num_heldout=2, pretrain_epochs=8,
+             pretrain_iterations=40, finetune=((5, 20), (10, 20)), planner="nnsslPlannerMini")
 GPU = Budget(seeds=(0, 1, 2), num_unlabeled=64, labeled=(1, 2, 4, 8), num_heldout=8, pretrain_epochs=100,
-             pretrain_iterations=250, finetune=((50, 50), (200, 50)), parallel=1)
+             pretrain_iterations=250, finetune=((50, 50), (200, 50)), planner="nnsslPlannerTiny")
 MODES = {"quick": QUICK, "cpu": CPU, "gpu": GPU}
 
 
@@ -178,10 +180,13 @@ def budget_name(epochs: int, iterations: int) -> str:
 
 
 def write_split(workspace: Workspace, budget: Budget) -> None:
-    """Fold k trains on the first ``labeled[k]`` cases; every fold validates on the same held-out cases."""
-    pool = max(budget.labeled)
-    cases = [f"demo_{index:03d}" for index in range(pool + budget.num_heldout)]
-    split = [{"train": cases[:n], "val": cases[pool:]} for n in budget.labeled]
+    """The first ``num_heldout`` cases are held out; fold k trains on the ``labeled[k]`` cases after them.
+
+    So a case set depends on its size only, and runs with the same seed, size and arm are identical across probes.
+    """
+    cases = [f"demo_{index:03d}" for index in range(budget.num_heldout + max(budget.labeled))]
+    heldout, pool = cases[:budget.num_heldout], cases[budget.num_heldout:]
+    split = [{"train": pool[:n], "val": heldout} for n in budget.labeled]
     path = workspace.folder("nnUNet_preprocessed") / LABELED_DATASET / "splits_final.json"
     path.write_text(json.dumps(split, indent=2) + "\n")
 
@@ -194,7 +199,7 @@ def heldout_threshold_dice(workspace: Workspace, budget: Budget) -> float:
 
     raw = workspace.folder("nnUNet_raw") / LABELED_DATASET
     scores = []
-    for index in range(max(budget.labeled), max(budget.labeled) + budget.num_heldout):
+    for index in range(budget.num_heldout):
         image = sitk.GetArrayFromImage(sitk.ReadImage(str(raw / "imagesTr" / f"demo_{index:03d}_0000.nii.gz")))
         label = sitk.GetArrayFromImage(sitk.ReadImage(str(raw / "labelsTr" / f"demo_{index:03d}.nii.gz")))
         scores.append(best_threshold_dice(image, label))
@@ -207,18 +212,29 @@ def validation_dice(results: Path, trainer: str, fold: int) -> float:
     return float(json.loads(summary.read_text())["foreground_mean"]["Dice"])
 
 
+def unlabeled_data_hash(workspace: Workspace) -> str:
+    """Hash of the generated unlabeled files: a cached checkpoint is reused only for identical pretraining data."""
+    digest = hashlib.sha256()
+    for folder in ("unlabeled", "unlabeled_masks"):
+        for path in sorted((workspace.root / "source" / folder).rglob("*")):
+            if path.is_file():
+                digest.update(str(path.relative_to(workspace.root)).encode() + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def pretrained_checkpoint(workspace: Workspace, budget: Budget, pretrainer: str, cache: Path) -> Path:
     """The pretrainer's final checkpoint for this seed: from the cache, or trained now and cached."""
-    key = (f"{pretrainer}_seed{workspace.seed}_u{budget.num_unlabeled}_"
+    key = (f"{pretrainer}_{budget.planner}_seed{workspace.seed}_data{unlabeled_data_hash(workspace)}_"
            f"{budget_name(budget.pretrain_epochs, budget.pretrain_iterations)}.pth")
     cached = cache / key
     if cached.is_file():
         print(f"  seed {workspace.seed}: {pretrainer} checkpoint from the cache ({cached})", flush=True)
         return cached
-    seconds = workspace.train(f"pretrain_{pretrainer}", UNLABELED_ID, "all", pretrainer, PRETRAIN_PLANS,
+    plans = PLANNERS[budget.planner]
+    seconds = workspace.train(f"pretrain_{pretrainer}", UNLABELED_ID, "all", pretrainer, plans,
                               budget.pretrain_epochs, budget.pretrain_iterations)
     print(f"  seed {workspace.seed}: {pretrainer} pretraining {seconds:.0f} s", flush=True)
-    trained = (workspace.folder("nnUNet_results") / UNLABELED_DATASET / f"{pretrainer}__{PRETRAIN_PLANS}__3d_fullres"
+    trained = (workspace.folder("nnUNet_results") / UNLABELED_DATASET / f"{pretrainer}__{plans}__3d_fullres"
                / "fold_all" / "checkpoint_final.pth")
     cache.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(trained, cached)
@@ -235,7 +251,7 @@ def prepare_seed(workspace: Workspace, budget: Budget, pretrainers: Sequence[str
                              source / "unlabeled_masks" / "anatomy", "-d", UNLABELED_ID, "-n", "DemoUnlabeled",
                              "-np", 1])
     workspace.run("plan_and_preprocess", ["nnUNetv2_plan_and_preprocess", "-d", UNLABELED_ID, "-pl",
-                                          "nnsslPlannerTiny", "-c", "3d_fullres", "-np", 1, "-npfp", 1, "--no_pbar"])
+                                          budget.planner, "-c", "3d_fullres", "-np", 1, "-npfp", 1, "--no_pbar"])
     checkpoints = {p: pretrained_checkpoint(workspace, budget, p, cache) for p in pretrainers}
     workspace.run("prepare_finetune", ["nnssl_prepare_finetune", "-d", LABELED_ID, "-c", checkpoints[pretrainers[0]],
                                        "-np", 1, "-npfp", 1])
@@ -342,9 +358,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--labeled", type=int, nargs="+", help="numbers of labeled training cases")
     parser.add_argument("--num-heldout", type=int, help="held-out labeled cases the Dice is measured on")
     parser.add_argument("--num-unlabeled", type=int, help="unlabeled volumes for the pretraining")
+    parser.add_argument("--planner", choices=sorted(PLANNERS), help="preset of the pretraining (and so fine-tuning) "
+                        "plans (default: nnsslPlannerMini, --gpu nnsslPlannerTiny)")
     parser.add_argument("--pretrain", metavar="EPOCHSxITERATIONS", help="pretraining budget, e.g. 10x40")
     parser.add_argument("--finetune", nargs="+", metavar="EPOCHSxITERATIONS", help="fine-tuning budgets, e.g. 5x12")
-    parser.add_argument("--parallel", type=int, help="fine-tuning runs at the same time")
     parser.add_argument("--arms", nargs="+", default=list(DEFAULT_ARMS),
                         help="fine-tuning arms TRAINER[@PRETRAINER] (default %(default)s)")
     parser.add_argument("--pretrainers", nargs="+", default=["S3DPretrainTrainer"],
@@ -373,7 +390,7 @@ def budget_from(args: argparse.Namespace) -> Budget:
     for field, value in (("seeds", args.seeds), ("labeled", args.labeled)):
         if value:
             overrides[field] = tuple(value)
-    for field in ("num_heldout", "num_unlabeled", "parallel"):
+    for field in ("num_heldout", "num_unlabeled", "planner"):
         if getattr(args, field) is not None:
             overrides[field] = getattr(args, field)
     if args.pretrain:
@@ -382,7 +399,7 @@ def budget_from(args: argparse.Namespace) -> Budget:
         overrides["finetune"] = tuple(parse_budget(b) for b in args.finetune)
     budget = replace(budget, **overrides)
     numbers = list(budget.labeled) + [budget.num_heldout, budget.num_unlabeled, budget.pretrain_epochs,
-                                      budget.pretrain_iterations, budget.parallel] + [n for b in budget.finetune for n in b]
+                                      budget.pretrain_iterations] + [n for b in budget.finetune for n in b]
     if min(numbers) < 1:
         raise SystemExit("transfer_probe: every count and budget must be at least 1")
     return budget
@@ -410,11 +427,13 @@ def main() -> int:
             workspace = Workspace(root / f"seed{seed}", args.device, seed)
             checkpoints = prepare_seed(workspace, budget, args.pretrainers, cache)
             threshold.append(heldout_threshold_dice(workspace, budget))
-            with ThreadPoolExecutor(budget.parallel) as pool:
-                for run in pool.map(lambda job: job(), finetune_jobs(workspace, budget, arms, checkpoints)):
-                    print(f"  seed {seed}: {run.arm:<40} n={run.labeled} {run.budget:>6}  Dice {run.dice:.3f} "
-                          f"({run.seconds:.0f} s)", flush=True)
-                    runs.append(run)
+            # one run at a time: nnU-Net gives every CPU training all cores, so parallel runs thrash (measured
+            # 4.6 s per iteration for two parallel tiny-preset runs on 2 cores vs 0.55 s for one alone)
+            for job in finetune_jobs(workspace, budget, arms, checkpoints):
+                run = job()
+                print(f"  seed {seed}: {run.arm:<40} n={run.labeled} {run.budget:>6}  Dice {run.dice:.3f} "
+                      f"({run.seconds:.0f} s)", flush=True)
+                runs.append(run)
     except ProbeFailure as failure:
         keep = True
         print(f"transfer_probe: {failure}", file=sys.stderr)

@@ -136,12 +136,13 @@ class HeadAnatomy:
 
     @classmethod
     def draw(cls, semi_axes: np.ndarray, rng: np.random.Generator) -> "HeadAnatomy":
-        """Ventricles of random size (about 0.75-1.3x) and slight random placement and asymmetry."""
+        """Ventricles of random size (about 0.75-1.3x) and slight random placement and asymmetry (together 1-3 % of
+        the head, about what the lateral ventricles of an adult brain occupy)."""
         scale, shift = rng.uniform(0.75, 1.3), rng.uniform(-0.04, 0.04, 3)
         centres, radii = [], []
         for side in (-1, 1):
-            centres.append((np.array([side * 0.17, 0.05, 0.12]) + shift + rng.uniform(-0.015, 0.015, 3)) * semi_axes)
-            radii.append(np.array([0.1, 0.3, 0.15]) * scale * rng.uniform(0.9, 1.1, 3) * semi_axes)
+            centres.append((np.array([side * 0.2, 0.05, 0.12]) + shift + rng.uniform(-0.015, 0.015, 3)) * semi_axes)
+            radii.append(np.array([0.14, 0.34, 0.21]) * scale * rng.uniform(0.9, 1.1, 3) * semi_axes)
         return cls(semi_axes, tuple(centres), tuple(radii))
 
     def ventricles(self, points: np.ndarray) -> np.ndarray:

@@ -16,7 +16,7 @@ from nnunetv2.paths import nnUNet_preprocessed
 from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
 
 from nnssl.environment import positive_int_from_environment
-from nnssl.plans.presets import RESENC_L, RESENC_TINY, ResEncPreset
+from nnssl.plans.presets import RESENC_L, RESENC_MINI, RESENC_TINY, ResEncPreset
 
 BATCH_SIZE_VARIABLE = "nnssl_batch_size"
 CONFIGURATION = "3d_fullres"
@@ -120,3 +120,10 @@ class nnsslPlannerTiny(nnsslPlanner):
 
     preset = RESENC_TINY
     default_plans_name = "nnsslPlansTiny"
+
+
+class nnsslPlannerMini(nnsslPlanner):
+    """The tiny network at 1.5 mm with a 48^3 patch (the transfer probe's CPU preset): plans ``nnsslPlansMini``."""
+
+    preset = RESENC_MINI
+    default_plans_name = "nnsslPlansMini"
