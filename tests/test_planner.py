@@ -124,3 +124,15 @@ def test_header_only_fingerprint_matches_nnunet_geometry(nnunet_dirs):
         assert ours["foreground_intensity_properties_per_channel"]["0"][key] == pytest.approx(
             stock["foreground_intensity_properties_per_channel"]["0"][key], rel=0.05)
     assert load_plans(nnunet_dirs, folder, "nnsslPlansTiny")["configurations"]["3d_fullres"]["spacing"] == [1.0] * 3
+
+
+def test_mini_preset_plans_the_tiny_network_at_one_and_a_half_millimetre(nnunet_dirs):
+    folder = write_labeled_dataset(nnunet_dirs["nnUNet_raw"], 16, "Mini", shapes=[(20, 24, 22), (22, 20, 24)],
+                                   spacings=[(1.0, 1.0, 1.0), (1.2, 0.9, 1.1)])
+    plan(16, "nnsslPlannerMini", "--no_pp")
+    config = load_plans(nnunet_dirs, folder, "nnsslPlansMini")["configurations"]["3d_fullres"]
+    assert config["spacing"] == [1.5, 1.5, 1.5] and config["patch_size"] == [48, 48, 48]
+    assert config["data_identifier"] == "nnsslPlansMini_3d_fullres"
+    from nnssl.plans.presets import RESENC_TINY
+
+    assert config["architecture"] == RESENC_TINY.architecture()  # the tiny network, at another spacing and patch
