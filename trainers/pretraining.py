@@ -21,7 +21,6 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -32,6 +31,7 @@ from nnssl import citations
 from nnssl.adaptation_plan import build_adaptation_plan
 from nnssl.augmentation import PRETRAINING_ROTATION, PRETRAINING_SCALING, spatial_pretraining_transforms
 from nnssl.checkpoint import atomic_torch_save, unwrap
+from nnssl.distributed import gather_from_all_ranks
 from nnssl.reconstruction_figure import save_reconstruction_png
 from nnssl.trainers.base import nnsslTrainerMixin
 
@@ -93,7 +93,8 @@ class nnsslPretrainTrainer(nnsslTrainerMixin, nnUNetTrainer):
         return None
 
     def extra_state(self) -> dict:
-        """Trainer state beyond nnU-Net's that a resumed run needs (e.g. random streams)."""
+        """Trainer state beyond nnU-Net's that a resumed run needs (e.g. random streams). Called on every rank when
+        a checkpoint is saved, so it may gather from all ranks."""
         return {}
 
     def load_extra_state(self, state: dict) -> None:
@@ -196,11 +197,7 @@ class nnsslPretrainTrainer(nnsslTrainerMixin, nnUNetTrainer):
         return {"loss": float(loss.detach().float().cpu())}
 
     def _epoch_mean(self, outputs: List[dict]) -> float:
-        losses = np.asarray(collate_outputs(outputs)["loss"], dtype=np.float64)
-        if self.is_ddp:
-            gathered = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, losses)
-            losses = np.concatenate(gathered)
+        losses = np.concatenate(gather_from_all_ranks(np.asarray(collate_outputs(outputs)["loss"], dtype=np.float64)))
         finite = losses[np.isfinite(losses)]
         return float(finite.mean()) if finite.size else float("nan")
 
@@ -232,15 +229,17 @@ class nnsslPretrainTrainer(nnsslTrainerMixin, nnUNetTrainer):
             self.save_checkpoint(join(self.output_folder, "checkpoint_best.pth"))
         if self.local_rank == 0:
             self.logger.plot_progress_png(self.output_folder)
-            if self.current_epoch % self.reconstruction_png_every == 0 or last_epoch:
-                self._save_reconstruction_png()
+        if self.current_epoch % self.reconstruction_png_every == 0 or last_epoch:
+            self._save_reconstruction_png()
         self.current_epoch += 1
 
     def _save_reconstruction_png(self) -> None:
+        """Every rank draws the figure's batch and masks (random streams shared by the ranks, such as the mask
+        ratio, stay in step; no rank runs the DDP model alone); rank 0 writes the PNG."""
         self.network.eval()
         with torch.no_grad(), self.autocast():
             panels = self.reconstruction_panels(next(self.dataloader_val))
-        if panels is not None:
+        if panels is not None and self.local_rank == 0:
             filename = join(self.output_folder, f"reconstruction_epoch_{self.current_epoch:04d}.png")
             save_reconstruction_png(panels, filename, f"{self.__class__.__name__}, epoch {self.current_epoch}")
 
@@ -254,6 +253,7 @@ class nnsslPretrainTrainer(nnsslTrainerMixin, nnUNetTrainer):
                                      self.configuration_manager.patch_size)
 
     def save_checkpoint(self, filename: str) -> None:
+        extra_state = self.extra_state()  # on every rank: it may gather per-rank state
         if self.local_rank != 0:
             return
         if self.disable_checkpointing:
@@ -269,7 +269,7 @@ class nnsslPretrainTrainer(nnsslTrainerMixin, nnUNetTrainer):
             "logging": self.logger.get_checkpoint(),
             "_best_ema": self._best_ema,
             "nnssl_best_val_loss": self.best_val_loss,
-            "nnssl_trainer_state": self.extra_state(),
+            "nnssl_trainer_state": extra_state,
             "current_epoch": self.current_epoch + 1,
             "init_args": self.my_init_kwargs,
             "trainer_name": self.__class__.__name__,

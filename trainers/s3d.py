@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 from nnssl import citations
+from nnssl.distributed import gather_from_all_ranks
 from nnssl.mae_models import DenseMAEModel, S3DModel
 from nnssl.masking import BlockMaskSampler, MaskingConfig, upsample_mask
 from nnssl.reconstruction_loss import masked_reconstruction_loss
@@ -84,11 +85,19 @@ class S3DPretrainTrainer(nnsslPretrainTrainer):
         }
 
     def extra_state(self) -> dict:
-        return {"mask_sampler": self.mask_sampler.state_dict()}
+        """The mask streams of every rank (under DDP the ratio stream is the same on all ranks, each rank draws its
+        own patterns, and a resumed rank continues its own); ``mask_sampler`` is rank 0's."""
+        states = gather_from_all_ranks(self.mask_sampler.state_dict())
+        return {"mask_sampler": states[0], "mask_sampler_per_rank": states}
 
     def load_extra_state(self, state: dict) -> None:
-        if "mask_sampler" in state:
-            self.mask_sampler.load_state_dict(state["mask_sampler"])
+        if "mask_sampler" not in state:
+            return
+        per_rank = state.get("mask_sampler_per_rank", [state["mask_sampler"]])
+        rank = self.mask_sampler.rank
+        # a rank the saved run did not have: the shared ratio stream, its own fresh pattern stream (seed, rank)
+        own = per_rank[rank] if rank < len(per_rank) else {**per_rank[0], "pattern_rng": None}
+        self.mask_sampler.load_state_dict(own)
 
 
 class S3DPretrainTrainer_ratio75(S3DPretrainTrainer):
