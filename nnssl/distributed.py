@@ -22,6 +22,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from nnssl.patching import replaced_attribute
+
 TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -137,22 +139,13 @@ class _NoProcessGroup:
 
 
 @contextmanager
-def _replaced(module: Any, name: str, value: Any) -> Iterator[None]:
-    original = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, original)
-
-
-@contextmanager
 def nnunet_on_local_device() -> Iterator[None]:
     """While active, nnU-Net's DDP wrapping and ``-pretrained_weights`` loading do not assume ``cuda:<rank>``."""
     import nnunetv2.run.load_pretrained_weights as pretrained_module
     import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as trainer_module
 
-    with _replaced(trainer_module, "DDP", _ModuleDeviceDDP), _replaced(pretrained_module, "dist", _NoProcessGroup):
+    with replaced_attribute(trainer_module, "DDP", _ModuleDeviceDDP), \
+            replaced_attribute(pretrained_module, "dist", _NoProcessGroup):
         yield
 
 

@@ -16,6 +16,7 @@ import torch
 from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
 
 from nnssl.environment import int_from_environment
+from nnssl.patching import replaced_attribute
 
 SEED_VARIABLE = "nnssl_seed"
 
@@ -69,9 +70,5 @@ def seeded_augmenters(seed: int, rank: int) -> Iterator[None]:
                                       num_cached_per_queue=max(2, -(-num_cached // num_processes)),
                                       seeds=worker_seeds, pin_memory=pin_memory, wait_time=wait_time)
 
-    original = trainer_module.NonDetMultiThreadedAugmenter
-    trainer_module.NonDetMultiThreadedAugmenter = ordered_augmenter
-    try:
+    with replaced_attribute(trainer_module, "NonDetMultiThreadedAugmenter", ordered_augmenter):
         yield
-    finally:
-        trainer_module.NonDetMultiThreadedAugmenter = original

@@ -183,6 +183,8 @@ class nnsslFinetuneTrainer_scratch(nnsslFinetuneTrainer):
 
 
 class nnsslFinetuneTrainer_paper_scratch(nnsslFinetuneTrainer):
+    """The paper recipe from random initialisation (the same-recipe twin of ``_paper``)."""
+
     recipe = PAPER_RECIPE.from_scratch()
 
 
