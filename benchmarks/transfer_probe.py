@@ -41,7 +41,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 from _common import print_ratio_lines, print_table
 
@@ -75,7 +75,6 @@ CPU = Budget(seeds=(0, 1, 2), num_unlabeled=8, labeled=(1, 2, 4), num_heldout=2,
              pretrain_iterations=40, finetune=((5, 20), (10, 20)), planner="nnsslPlannerMini")
 GPU = Budget(seeds=(0, 1, 2), num_unlabeled=64, labeled=(1, 2, 4, 8), num_heldout=8, pretrain_epochs=100,
              pretrain_iterations=250, finetune=((50, 50), (200, 50)), planner="nnsslPlannerTiny")
-MODES = {"quick": QUICK, "cpu": CPU, "gpu": GPU}
 
 
 @dataclass(frozen=True)
@@ -259,9 +258,9 @@ def prepare_seed(workspace: Workspace, budget: Budget, pretrainers: Sequence[str
     return checkpoints
 
 
-def finetune_jobs(workspace: Workspace, budget: Budget, arms: Sequence[Arm], checkpoints: Mapping[str, Path]):
-    """One callable per (arm, budget, labeled count) of this seed, each returning a ``Run``."""
-    jobs = []
+def finetune_runs(workspace: Workspace, budget: Budget, arms: Sequence[Arm],
+                  checkpoints: Mapping[str, Path]) -> Iterator[Run]:
+    """Train every (budget, arm, labeled count) of this seed, one at a time, and yield each ``Run``."""
     for epochs, iterations in budget.finetune:
         name = budget_name(epochs, iterations)
         results = workspace.root / f"results_{name}"
@@ -270,17 +269,11 @@ def finetune_jobs(workspace: Workspace, budget: Budget, arms: Sequence[Arm], che
                 extra = {"nnUNet_results": str(results)}
                 if arm.pretrainer:
                     extra["nnssl_pretrained_checkpoint"] = str(checkpoints[arm.pretrainer])
-
-                def job(arm=arm, fold=fold, labeled=labeled, name=name, epochs=epochs, iterations=iterations,
-                        extra=extra, results=results) -> Run:
-                    step = f"finetune_{arm.name.replace('@', '_at_')}_{name}_n{labeled}"
-                    seconds = workspace.train(step, LABELED_ID, str(fold), arm.trainer, FINETUNE_PLANS, epochs,
-                                              iterations, extra)
-                    return Run(arm.name, workspace.seed, labeled, name, epochs * iterations,
-                               validation_dice(results, arm.trainer, fold), seconds)
-
-                jobs.append(job)
-    return jobs
+                step = f"finetune_{arm.name.replace('@', '_at_')}_{name}_n{labeled}"
+                seconds = workspace.train(step, LABELED_ID, str(fold), arm.trainer, FINETUNE_PLANS, epochs,
+                                          iterations, extra)
+                yield Run(arm.name, workspace.seed, labeled, name, epochs * iterations,
+                          validation_dice(results, arm.trainer, fold), seconds)
 
 
 def mean_sd(values: Sequence[float]) -> str:
@@ -429,8 +422,7 @@ def main() -> int:
             threshold.append(heldout_threshold_dice(workspace, budget))
             # one run at a time: nnU-Net gives every CPU training all cores, so parallel runs thrash (measured
             # 4.6 s per iteration for two parallel tiny-preset runs on 2 cores vs 0.55 s for one alone)
-            for job in finetune_jobs(workspace, budget, arms, checkpoints):
-                run = job()
+            for run in finetune_runs(workspace, budget, arms, checkpoints):
                 print(f"  seed {seed}: {run.arm:<40} n={run.labeled} {run.budget:>6}  Dice {run.dice:.3f} "
                       f"({run.seconds:.0f} s)", flush=True)
                 runs.append(run)

@@ -7,6 +7,7 @@ numpy, torch and Python streams: the batch sequence then depends on the seed alo
 Every DDP rank gets its own streams (seed, rank), so ranks still sample different cases.
 """
 
+import itertools
 import random
 from contextlib import contextmanager
 from typing import Iterator, Optional
@@ -59,12 +60,11 @@ def seeded_augmenters(seed: int, rank: int) -> Iterator[None]:
     """While active, nnU-Net's ``get_dataloaders`` builds ordered, seeded augmenters (one stream per loader)."""
     import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as trainer_module
 
-    loaders_built = []
+    loader_index = itertools.count()  # training loader 0, validation loader 1: a stream each
 
     def ordered_augmenter(data_loader, transform, num_processes, num_cached=2, seeds=None, pin_memory=False,
                           wait_time=0.02):
-        index = len(loaders_built)
-        loaders_built.append(data_loader)
+        index = next(loader_index)
         worker_seeds = [stream_seed(seed, rank, index, worker) for worker in range(num_processes)]
         return MultiThreadedAugmenter(_with_seeded_workers(data_loader), transform, num_processes,
                                       num_cached_per_queue=max(2, -(-num_cached // num_processes)),

@@ -73,12 +73,12 @@ def print_whole_line(text: str) -> None:
 
 def build_trainer(dataset_name_or_id: str, configuration: str, fold: Union[int, str], trainer_name: str,
                   plans_identifier: str, continue_training: bool, env: TorchrunEnvironment, device: torch.device):
-    """nnU-Net's trainer for this rank, on this rank's device, with the plans' batch split exactly over the ranks."""
+    """nnU-Net's trainer for this rank, on this rank's device, and this rank's share of the plans' batch (refused
+    when the world size does not divide it)."""
     trainer = get_trainer_from_args(dataset_name_or_id, configuration, fold, trainer_name, plans_identifier,
                                     continue_training, device=device)
     place_trainer_on(trainer, device)
-    per_rank_batch_size(trainer.configuration_manager.batch_size, env.world_size)
-    return trainer
+    return trainer, per_rank_batch_size(trainer.configuration_manager.batch_size, env.world_size)
 
 
 def run_under_torchrun(args: argparse.Namespace, env: TorchrunEnvironment) -> None:
@@ -88,13 +88,12 @@ def run_under_torchrun(args: argparse.Namespace, env: TorchrunEnvironment) -> No
                          "--nnodes x --nproc_per_node. Drop -num_gpus.")
     tag = f"nnssl_train rank {env.rank}/{env.world_size}"
     with torchrun_session(env, args.device) as device:
-        trainer = build_trainer(args.dataset_name_or_id, args.configuration, parse_fold(args.fold), args.tr, args.p,
+        trainer, rank_batch = build_trainer(args.dataset_name_or_id, args.configuration, parse_fold(args.fold), args.tr, args.p,
                                 args.c, env, device)
         trainer.disable_checkpointing = args.disable_checkpointing
         maybe_load_checkpoint(trainer, args.c, args.val, args.pretrained_weights)
-        global_batch = trainer.configuration_manager.batch_size
         print_whole_line(f"{tag} (local rank {env.local_rank}, {device}, {backend_for(device)}): batch "
-                         f"{per_rank_batch_size(global_batch, env.world_size)} of {global_batch}, starting at epoch "
+                         f"{rank_batch} of {trainer.configuration_manager.batch_size}, starting at epoch "
                          f"{trainer.current_epoch}")
         if device.type == "cuda":
             cudnn.deterministic = False

@@ -150,7 +150,7 @@ with torchrun_session(env, "cpu") as device:
         indivisible = None
     except DistributedSetupError as error:
         indivisible = str(error)
-    trainer = build_trainer("{dataset}", "3d_fullres", "all", "{trainer}", "nnsslPlansTiny", False, env, device)
+    trainer, _ = build_trainer("{dataset}", "3d_fullres", "all", "{trainer}", "nnsslPlansTiny", False, env, device)
     trainer.initialize()
     loader, _ = trainer.get_dataloaders()
     masks = [trainer.mask_sampler.sample(trainer.batch_size) for _ in range(4)]

@@ -11,7 +11,6 @@ from typing import Dict, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from nnssl import citations
@@ -49,9 +48,8 @@ class S3DPretrainTrainer(nnsslPretrainTrainer):
     def initialize(self):
         super().initialize()
         if self.mask_sampler is None:
-            rank = dist.get_rank() if self.is_ddp else 0
             self.mask_sampler = BlockMaskSampler(self.configuration_manager.patch_size, self.masking,
-                                                 seed=self.mask_seed, rank=rank)
+                                                 seed=self.mask_seed, rank=self.nnssl_rank)
             self.print_to_log_file(f"Masking: {self.masking}")
 
     def loss_region(self, region_map: torch.Tensor) -> Optional[torch.Tensor]:
