@@ -11,6 +11,7 @@ is left alone: its ``local_rank`` is the global rank, which is what "only rank 0
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 from contextlib import contextmanager
@@ -152,7 +153,12 @@ def nnunet_on_local_device() -> Iterator[None]:
 @contextmanager
 def torchrun_session(env: TorchrunEnvironment, device_type: str) -> Iterator[torch.device]:
     """This process's local device, with the job's process group joined (rendezvous at MASTER_ADDR:MASTER_PORT) and
-    nnU-Net's device assumptions redirected (``nnunet_on_local_device``); the group is left on exit."""
+    nnU-Net's device assumptions redirected (``nnunet_on_local_device``); the group is left on exit.
+
+    Everything built on the group (a trainer and its DDP reducer) must be released inside the session: a DDP module
+    that outlives its group into interpreter shutdown aborts the process ("terminate called without an active
+    exception"). Callers keep such objects local to a function called inside the session; the collection before
+    leaving frees those caught in reference cycles."""
     device = local_device(device_type, env)
     configure_threads(device.type, env.local_world_size)
     dist.init_process_group(backend_for(device), init_method="env://", rank=env.rank, world_size=env.world_size)
@@ -160,6 +166,7 @@ def torchrun_session(env: TorchrunEnvironment, device_type: str) -> Iterator[tor
         with nnunet_on_local_device():
             yield device
     finally:
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -82,29 +82,35 @@ def build_trainer(dataset_name_or_id: str, configuration: str, fold: Union[int, 
 
 
 def run_under_torchrun(args: argparse.Namespace, env: TorchrunEnvironment) -> None:
-    """nnU-Net's trainer lifecycle (as ``nnUNetv2_train``) on every rank, then a weights checksum line per rank."""
+    """nnU-Net's trainer lifecycle (as ``nnUNetv2_train``) on every rank, inside the job's process group."""
     if args.num_gpus != 1:
         raise SystemExit("nnssl_train: -num_gpus is nnU-Net's single-node launcher; under torchrun the processes are "
                          "--nnodes x --nproc_per_node. Drop -num_gpus.")
-    tag = f"nnssl_train rank {env.rank}/{env.world_size}"
     with torchrun_session(env, args.device) as device:
-        trainer, rank_batch = build_trainer(args.dataset_name_or_id, args.configuration, parse_fold(args.fold), args.tr, args.p,
-                                args.c, env, device)
-        trainer.disable_checkpointing = args.disable_checkpointing
-        maybe_load_checkpoint(trainer, args.c, args.val, args.pretrained_weights)
-        print_whole_line(f"{tag} (local rank {env.local_rank}, {device}, {backend_for(device)}): batch "
-                         f"{rank_batch} of {trainer.configuration_manager.batch_size}, starting at epoch "
-                         f"{trainer.current_epoch}")
-        if device.type == "cuda":
-            cudnn.deterministic = False
-            cudnn.benchmark = True
-        if not args.val:
-            trainer.run_training()
-        if args.val_best:
-            trainer.load_checkpoint(join(trainer.output_folder, "checkpoint_best.pth"))
-        trainer.perform_actual_validation(args.npz)
-        checksums = state_dict_checksums(unwrap(trainer.network).state_dict())
-        print_whole_line(f"{tag}: epoch {trainer.current_epoch}, weights sha256 {format_checksums(checksums)}")
+        train_on_this_rank(args, env, device)
+
+
+def train_on_this_rank(args: argparse.Namespace, env: TorchrunEnvironment, device: torch.device) -> None:
+    """Build, train and validate this rank's trainer, then print its weights checksum line. A function of its own so
+    that the trainer (and its DDP reducer) is released before the process group is left."""
+    tag = f"nnssl_train rank {env.rank}/{env.world_size}"
+    trainer, rank_batch = build_trainer(args.dataset_name_or_id, args.configuration, parse_fold(args.fold), args.tr,
+                                        args.p, args.c, env, device)
+    trainer.disable_checkpointing = args.disable_checkpointing
+    maybe_load_checkpoint(trainer, args.c, args.val, args.pretrained_weights)
+    print_whole_line(f"{tag} (local rank {env.local_rank}, {device}, {backend_for(device)}): batch "
+                     f"{rank_batch} of {trainer.configuration_manager.batch_size}, starting at epoch "
+                     f"{trainer.current_epoch}")
+    if device.type == "cuda":
+        cudnn.deterministic = False
+        cudnn.benchmark = True
+    if not args.val:
+        trainer.run_training()
+    if args.val_best:
+        trainer.load_checkpoint(join(trainer.output_folder, "checkpoint_best.pth"))
+    trainer.perform_actual_validation(args.npz)
+    checksums = state_dict_checksums(unwrap(trainer.network).state_dict())
+    print_whole_line(f"{tag}: epoch {trainer.current_epoch}, weights sha256 {format_checksums(checksums)}")
 
 
 def main(argv: Optional[List[str]] = None) -> None:

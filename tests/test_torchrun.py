@@ -144,7 +144,10 @@ from nnssl.distributed import DistributedSetupError, gather_from_all_ranks, torc
 from nnssl.train import build_trainer
 
 env = torchrun_environment()
-with torchrun_session(env, "cpu") as device:
+
+
+def probe(device):
+    # a function, so that the trainers are released inside the session (see torchrun_session)
     try:
         build_trainer("{dataset}", "3d_fullres", "all", "{trainer}", "nnsslPlansTinyBatch3", False, env, device)
         indivisible = None
@@ -165,6 +168,10 @@ with torchrun_session(env, "cpu") as device:
     ranks = gather_from_all_ranks(report)
     if env.rank == 0:
         print("PROBE " + json.dumps(ranks))
+
+
+with torchrun_session(env, "cpu") as device:
+    probe(device)
 """
 
 
