@@ -23,7 +23,7 @@ import torch
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch.profiler import ProfilerActivity, profile
 
-from nnssl.plans.presets import ResEncPreset
+from nnssl.presets import ResEncPreset
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from nnunetv2.utilities.label_handling.label_handling import LabelManager
 
 from _common import (TrainerHost, base_parser, per_round_ratios, preset_configuration, print_ratio_lines, print_table,
                      run_interleaved, summarize, timed, torch_threads)
-from nnssl.plans.presets import RESENC_L
+from nnssl.presets import RESENC_L
 from nnssl.trainers.s3d import S3DPretrainTrainer
 
 BASELINE = "nnunet_default"

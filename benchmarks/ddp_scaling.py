@@ -6,7 +6,7 @@ what a second process (CPU, gloo) or GPU (NCCL) buys for the same global batch, 
 Every process runs what a rank of ``nnssl_train`` runs per iteration: the S3D trainer's own ``train_step`` (mask
 sampling, sparse forward, masked loss, backward with DDP's gradient all-reduce, clipping, SGD step), on the network
 the trainer builds from the preset's plans (``step_cost.prepare``), wrapped in ``DistributedDataParallel`` as nnU-Net
-wraps it; threads per process follow ``nnssl_train`` (``nnssl.distributed.configure_threads``: the node's cores shared
+wraps it; threads per process follow ``nnssl_train`` (``nnssl.integration.distributed.configure_threads``: the node's cores shared
 by its processes on the CPU, one per process on a GPU). A synthetic batch replaces the data loader, so the figure is
 the step's scaling, not the augmentation pipeline's (``data_pipeline.py`` measures that; its workers scale per rank).
 Samples/s = global batch x timed steps / wall time of the slowest rank. Cases are interleaved round by round; each
@@ -30,8 +30,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from _common import base_parser, per_round_ratios, print_ratio_lines, print_table, run_interleaved, summarize
-from nnssl.distributed import backend_for, configure_threads, per_rank_batch_size
-from nnssl.masking import BlockMaskSampler
+from nnssl.integration.distributed import backend_for, configure_threads, per_rank_batch_size
+from nnssl.methods.masking import BlockMaskSampler
 from step_cost import PRESETS, Settings, prepare
 
 

@@ -34,9 +34,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from _common import (TrainerHost, base_parser, peak_memory_bytes, per_round_ratios, preset_configuration,
                      print_ratio_lines, print_table, run_interleaved, summarize, timed)
-from nnssl.masking import BlockMaskSampler
-from nnssl.plans.presets import RESENC_L, RESENC_TINY, ResEncPreset
-from nnssl.reconstruction_loss import masked_reconstruction_loss
+from nnssl.methods.masking import BlockMaskSampler
+from nnssl.presets import RESENC_L, RESENC_TINY, ResEncPreset
+from nnssl.methods.reconstruction_loss import masked_reconstruction_loss
 from nnssl.trainers.pretraining import nnsslPretrainTrainer
 from nnssl.trainers.s3d import MAEPretrainTrainer, S3DPretrainTrainer
 

@@ -156,7 +156,7 @@ class Workspace:
 
 def parse_arms(names: Sequence[str], pretrainers: Sequence[str]) -> list[Arm]:
     """``TRAINER[@PRETRAINER]`` -> arms; a trainer that loads weights defaults to the first pretrainer."""
-    from nnssl.registry import find_class
+    from nnssl.integration.registry import find_class
 
     arms = []
     for name in names:
@@ -194,7 +194,7 @@ def heldout_threshold_dice(workspace: Workspace, budget: Budget) -> float:
     """Mean over the held-out cases of the best Dice a single intensity threshold reaches (sanity: should be low)."""
     import SimpleITK as sitk
 
-    from nnssl.threshold_dice import best_threshold_dice
+    from nnssl.demo.threshold_dice import best_threshold_dice
 
     raw = workspace.folder("nnUNet_raw") / LABELED_DATASET
     scores = []

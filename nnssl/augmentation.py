@@ -1,4 +1,4 @@
-"""Augmentation pipelines for pretraining (batchgeneratorsv2), shared by the pretraining trainers."""
+"""Augmentation pipelines (batchgeneratorsv2) shared by the pretraining trainers and spatial-only fine-tuning."""
 
 from typing import Sequence, Tuple
 
@@ -14,7 +14,7 @@ PRETRAINING_SCALING = (0.7, 1.4)
 PRETRAINING_ROTATION = (-30.0 / 360 * 2 * np.pi, 30.0 / 360 * 2 * np.pi)
 
 
-def spatial_pretraining_transforms(patch_size: Sequence[int], rotation: Tuple[float, float],
+def spatial_transforms(patch_size: Sequence[int], rotation: Tuple[float, float],
                                    mirror_axes: Sequence[int]) -> BasicTransform:
     """Rotation, scaling and mirroring applied identically to the image and its region map (nnU-Net's "target").
 

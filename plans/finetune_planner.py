@@ -16,8 +16,8 @@ import numpy as np
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
 from nnunetv2.preprocessing.resampling.no_resampling import no_resampling_hack
 
-from nnssl.adaptation_plan import nnunet_architecture, pretrain_configuration
-from nnssl.environment import positive_int_from_environment
+from nnssl.finetuning.adaptation_plan import nnunet_architecture, pretrain_configuration
+from nnssl.integration.environment import positive_int_from_environment
 from nnssl.plans.nnssl_planner import BATCH_SIZE_VARIABLE, nnsslPlanner
 
 ADAPTATION_MODES = ("like_pretrained", "default_nnunet", "fixed", "no_resample")

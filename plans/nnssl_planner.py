@@ -15,8 +15,8 @@ from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner
 from nnunetv2.paths import nnUNet_preprocessed
 from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
 
-from nnssl.environment import positive_int_from_environment
-from nnssl.plans.presets import RESENC_L, RESENC_MINI, RESENC_TINY, ResEncPreset
+from nnssl.integration.environment import positive_int_from_environment
+from nnssl.presets import RESENC_L, RESENC_MINI, RESENC_TINY, ResEncPreset
 
 BATCH_SIZE_VARIABLE = "nnssl_batch_size"
 CONFIGURATION = "3d_fullres"

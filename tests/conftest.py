@@ -122,7 +122,7 @@ def tiny_network(num_classes: int = 1, input_channels: int = 1):
     """A fresh dna network with the tiny preset's architecture (what the plans build)."""
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
-    from nnssl.plans.presets import RESENC_TINY
+    from nnssl.presets import RESENC_TINY
 
     arch = RESENC_TINY.architecture()
     return get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"],

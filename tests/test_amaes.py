@@ -13,12 +13,12 @@ from batchgeneratorsv2.transforms.spatial.low_resolution import SimulateLowResol
 from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 
 from conftest import assert_encoder_only_checkpoint, pretrain_smoke, tiny_network
-from nnssl.amaes import (AMAESModel, BiasFieldTransform, CarryCleanTarget, GibbsRingingTransform, LightweightDecoder,
-                         MotionGhostingTransform, MultiplicativeGaussianNoiseTransform, PerAxisZoom,
-                         amaes_input_augmentation, augmentation_reversal_loss, augmentation_reversal_transforms,
-                         split_input_and_target)
-from nnssl.augmentation import PRETRAINING_ROTATION, spatial_pretraining_transforms
-from nnssl.masking import BlockMaskSampler, upsample_mask
+from nnssl.methods.amaes import (AMAESModel, BiasFieldTransform, CarryCleanTarget, GibbsRingingTransform,
+                                 LightweightDecoder, MotionGhostingTransform, MultiplicativeGaussianNoiseTransform,
+                                 PerAxisZoom, amaes_input_augmentation, augmentation_reversal_loss,
+                                 augmentation_reversal_transforms, split_input_and_target)
+from nnssl.augmentation import PRETRAINING_ROTATION, spatial_transforms
+from nnssl.methods.masking import BlockMaskSampler, upsample_mask
 
 # AMAES, Appendix B, Table 5: p_sample of every input-only augmentation
 PAPER_PROBABILITIES = {GaussianBlurTransform: 0.1, GaussianNoiseTransform: 0.2,
@@ -144,7 +144,7 @@ def test_target_is_the_spatially_augmented_image_input_and_target_share_the_geom
     segmentation = torch.zeros(1, 40, 40, 40, dtype=torch.int16)
     for trial in range(6):
         seed(trial)
-        spatial = spatial_pretraining_transforms((32, 32, 32), PRETRAINING_ROTATION, (0, 1, 2))
+        spatial = spatial_transforms((32, 32, 32), PRETRAINING_ROTATION, (0, 1, 2))
         expected = spatial(image=image.clone(), segmentation=segmentation.clone())["image"]
         seed(trial)
         out = augmentation_reversal_transforms((32, 32, 32), PRETRAINING_ROTATION, (0, 1, 2))(

@@ -9,8 +9,8 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import run_command
-from nnssl.threshold_dice import best_threshold_dice
-from nnssl.demo_data import ANATOMY_MASK_FOLDER, LABELED_NAME, UNLABELED_FOLDER, labeled_case, main, write_unlabeled
+from nnssl.demo.threshold_dice import best_threshold_dice
+from nnssl.demo.data import ANATOMY_MASK_FOLDER, LABELED_NAME, UNLABELED_FOLDER, labeled_case, main, write_unlabeled
 
 DEMO_ID = 502
 

@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from conftest import run_command, tiny_network, write_labeled_dataset
-from nnssl.finetune_recipe import DEFAULT_RECIPE
+from nnssl.finetuning.recipe import DEFAULT_RECIPE
 
 SMOKE_3 = {"nnssl_num_epochs": "3", "nnssl_iterations_per_epoch": "2", "nnssl_val_iterations_per_epoch": "1"}
 
 
 def tiny_plans_architecture() -> dict:
-    from nnssl.plans.presets import RESENC_TINY
+    from nnssl.presets import RESENC_TINY
 
     return RESENC_TINY.architecture()
 

@@ -1,11 +1,11 @@
-"""Fine-tuning recipes and their per-iteration learning rates (nnssl.finetune_recipe, nnssl.finetune_schedule)."""
+"""Fine-tuning recipes and their per-iteration learning rates (nnssl.finetuning.recipe, nnssl.finetuning.schedule)."""
 
 from dataclasses import replace
 
 import pytest
 
-from nnssl.finetune_recipe import DEFAULT_RECIPE, PAPER_RECIPE, FinetuneRecipe
-from nnssl.finetune_schedule import FinetuneSchedule
+from nnssl.finetuning.recipe import DEFAULT_RECIPE, PAPER_RECIPE, FinetuneRecipe
+from nnssl.finetuning.schedule import FinetuneSchedule
 
 
 def test_full_length_paper_run_keeps_the_papers_12500_plus_12500_warmups():

@@ -5,7 +5,7 @@ import io
 import pytest
 import torch
 
-from nnssl.masking import BlockMaskSampler, MaskingConfig, mask_grid_shape, upsample_mask
+from nnssl.methods.masking import BlockMaskSampler, MaskingConfig, mask_grid_shape, upsample_mask
 
 
 def masked_fraction(mask: torch.Tensor) -> torch.Tensor:

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from conftest import pretrain_smoke, tiny_network
-from nnssl.models_genesis import (INPAINT, OUTPAINT, CorruptionPlan, ModelsGenesisConfig, ModelsGenesisTransform,
-                                  corrupt, flip, inpaint, intensity_curve, nonlinear_intensity, outpaint,
-                                  restoration_loss, restoration_pair, robust_range, sample_inpaint_boxes,
-                                  sample_outpaint_boxes, sample_plan, sample_shuffle_windows, shuffle_windows)
+from nnssl.methods.models_genesis import (INPAINT, OUTPAINT, CorruptionPlan, ModelsGenesisConfig,
+                                          ModelsGenesisTransform, corrupt, flip, inpaint, intensity_curve,
+                                          nonlinear_intensity, outpaint, restoration_loss, restoration_pair,
+                                          robust_range, sample_inpaint_boxes, sample_outpaint_boxes, sample_plan,
+                                          sample_shuffle_windows, shuffle_windows)
 
 CONFIG = ModelsGenesisConfig()
 NO_CORRUPTION = dataclasses.replace(CONFIG, local_shuffle_rate=0, nonlinear_rate=0, paint_rate=0)

@@ -70,7 +70,7 @@ def test_full_preset_is_exactly_resenc_l_whatever_the_dataset(nnunet_dirs):
 def test_full_preset_builds_the_102m_parameter_resenc_l(nnunet_dirs):
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
-    from nnssl.plans.presets import RESENC_L
+    from nnssl.presets import RESENC_L
 
     arch = RESENC_L.architecture()
     network = get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"],
@@ -133,6 +133,6 @@ def test_mini_preset_plans_the_tiny_network_at_one_and_a_half_millimetre(nnunet_
     config = load_plans(nnunet_dirs, folder, "nnsslPlansMini")["configurations"]["3d_fullres"]
     assert config["spacing"] == [1.5, 1.5, 1.5] and config["patch_size"] == [48, 48, 48]
     assert config["data_identifier"] == "nnsslPlansMini_3d_fullres"
-    from nnssl.plans.presets import RESENC_TINY
+    from nnssl.presets import RESENC_TINY
 
     assert config["architecture"] == RESENC_TINY.architecture()  # the tiny network, at another spacing and patch

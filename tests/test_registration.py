@@ -39,7 +39,7 @@ def test_start_up_hook_is_lazy():
     assert state.stdout.strip() == "[]"
     timing = subprocess.run([sys.executable, "-X", "importtime", "-c", "pass"], capture_output=True, text=True)
     hook_lines = [line for line in timing.stderr.splitlines() if "nnssl" in line]
-    assert any(line.rstrip().endswith("nnssl._nnunet_hook") for line in hook_lines), timing.stderr[-2000:]
+    assert any(line.rstrip().endswith("nnssl.integration.hook") for line in hook_lines), timing.stderr[-2000:]
     cumulative_us = max(int(re.split(r"\s*\|\s*", line.split(":", 1)[1])[1]) for line in hook_lines)
     assert cumulative_us < 20_000  # a few hundred microseconds in practice; a torch import would be ~1e6
 

@@ -9,10 +9,10 @@ from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
 from dynamic_network_architectures.building_blocks.simple_conv_blocks import ConvDropoutNormReLU
 from torch import nn
 
-from nnssl.mae_models import DenseMAEModel, S3DModel
-from nnssl.masking import BlockMaskSampler, MaskingConfig, upsample_mask
-from nnssl.reconstruction_loss import masked_reconstruction_loss
-from nnssl.sparse_encoder import masked_instance_norm
+from nnssl.methods.mae_models import DenseMAEModel, S3DModel
+from nnssl.methods.masking import BlockMaskSampler, MaskingConfig, upsample_mask
+from nnssl.methods.reconstruction_loss import masked_reconstruction_loss
+from nnssl.methods.sparse_encoder import masked_instance_norm
 
 PATCH = (32, 32, 32)
 NET_KWARGS = dict(
@@ -272,7 +272,7 @@ def test_loss_is_float32_for_low_precision_predictions():
 
 def test_masked_instance_norm_backward_passes_gradcheck():
     """The hand-written backward of the masked InstanceNorm against finite differences (float64)."""
-    from nnssl.sparse_encoder import masked_instance_norm
+    from nnssl.methods.sparse_encoder import masked_instance_norm
 
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 4, 4, 4, dtype=torch.float64, generator=generator, requires_grad=True)

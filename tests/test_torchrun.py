@@ -69,7 +69,7 @@ def two_rank_s3d(_shared_tiny_dataset, tmp_path_factory):
 
 # ------------------------------------------------------------------------------------------------- without torchrun
 def test_torchrun_environment_is_read_and_checked():
-    from nnssl.distributed import DistributedSetupError, TorchrunEnvironment, torchrun_environment
+    from nnssl.integration.distributed import DistributedSetupError, TorchrunEnvironment, torchrun_environment
 
     assert torchrun_environment({"PATH": "/bin"}) is None
     full = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "node0",
@@ -85,7 +85,7 @@ def test_torchrun_environment_is_read_and_checked():
 
 
 def test_batch_is_split_exactly_over_the_ranks():
-    from nnssl.distributed import DistributedSetupError, per_rank_batch_size
+    from nnssl.integration.distributed import DistributedSetupError, per_rank_batch_size
 
     assert per_rank_batch_size(6, 3) == 2 and per_rank_batch_size(2, 2) == 1 and per_rank_batch_size(6, 1) == 6
     for batch, world in ((3, 2), (1, 2)):
@@ -95,7 +95,7 @@ def test_batch_is_split_exactly_over_the_ranks():
 
 
 def test_weight_checksums_are_exact_and_per_part():
-    from nnssl.weights_checksum import state_dict_checksums
+    from nnssl.integration.weights_checksum import state_dict_checksums
 
     state = {"encoder.w": torch.ones(3), "decoder.w": torch.zeros(2, dtype=torch.bfloat16)}
     sums = state_dict_checksums(state)
@@ -108,15 +108,15 @@ def test_weight_checksums_are_exact_and_per_part():
 
 
 def test_plain_launch_is_nnunetv2_train(monkeypatch):
-    import nnssl.train
+    import nnssl.integration.train
 
     for variable in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(variable, raising=False)
     calls = []
-    monkeypatch.setattr(nnssl.train, "run_training", lambda *args, **kwargs: calls.append((args, kwargs)))
+    monkeypatch.setattr(nnssl.integration.train, "run_training", lambda *args, **kwargs: calls.append((args, kwargs)))
     threads = torch.get_num_threads()
     try:
-        nnssl.train.main(["31", "3d_fullres", "all", "-tr", S3D, "-p", "nnsslPlansTiny", "--c", "-device", "cpu"])
+        nnssl.integration.train.main(["31", "3d_fullres", "all", "-tr", S3D, "-p", "nnsslPlansTiny", "--c", "-device", "cpu"])
     finally:
         torch.set_num_threads(threads)
     # nnU-Net's run_training_entry passes the same arguments, in this order
@@ -125,13 +125,13 @@ def test_plain_launch_is_nnunetv2_train(monkeypatch):
 
 
 def test_num_gpus_is_refused_under_torchrun(monkeypatch):
-    import nnssl.train
+    import nnssl.integration.train
 
     for variable, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "localhost",
                             "MASTER_PORT": "29500"}.items():
         monkeypatch.setenv(variable, value)
     with pytest.raises(SystemExit, match="-num_gpus is nnU-Net's single-node launcher"):
-        nnssl.train.main(["31", "3d_fullres", "all", "-num_gpus", "2", "-device", "cpu"])
+        nnssl.integration.train.main(["31", "3d_fullres", "all", "-num_gpus", "2", "-device", "cpu"])
 
 
 # ------------------------------------------------------------------------------------------------- under torchrun
@@ -139,9 +139,10 @@ PROBE = """
 import json
 import torch
 from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
-from nnssl.checkpoint import unwrap
-from nnssl.distributed import DistributedSetupError, gather_from_all_ranks, torchrun_environment, torchrun_session
-from nnssl.train import build_trainer
+from nnssl.integration.checkpoint import unwrap
+from nnssl.integration.distributed import (DistributedSetupError, gather_from_all_ranks, torchrun_environment,
+                                           torchrun_session)
+from nnssl.integration.train import build_trainer
 
 env = torchrun_environment()
 
@@ -225,7 +226,7 @@ def test_s3d_pretraining_two_ranks_stay_identical_and_resume(two_rank_s3d):
 
 
 def test_frozen_encoder_finetuning_on_two_ranks(two_rank_s3d):
-    from nnssl.weights_checksum import state_dict_checksums
+    from nnssl.integration.weights_checksum import state_dict_checksums
 
     env = two_rank_s3d["env"]
     write_labeled_dataset(Path(env["nnUNet_raw"]), FINETUNE_ID, "DdpDown", shapes=[(36, 40, 38)] * 5,

@@ -1,11 +1,11 @@
-"""Loading rules for pretrained weights (nnssl.transfer) on the tiny ResEnc network."""
+"""Loading rules for pretrained weights (nnssl.finetuning.transfer) on the tiny ResEnc network."""
 
 import pytest
 import torch
 
-from nnssl.adaptation_plan import KEYS_TO_IN_PROJ
-from nnssl.transfer import (PretrainedWeightsError, canonical_state_dict, replicate_input_channels,
-                            transfer_pretrained_weights)
+from nnssl.finetuning.adaptation_plan import KEYS_TO_IN_PROJ
+from nnssl.finetuning.transfer import (PretrainedWeightsError, canonical_state_dict, replicate_input_channels,
+                                       transfer_pretrained_weights)
 
 PLAN = {"key_to_stem": "encoder.stem", "key_to_encoder": "encoder.stages", "keys_to_in_proj": list(KEYS_TO_IN_PROJ)}
 

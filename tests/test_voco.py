@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 from conftest import assert_encoder_only_checkpoint, pretrain_smoke
-from nnssl.voco import (VoCoGeometry, VoCoModel, VoCoProjector, crop_overlaps, encoder_only_state_dict,
-                        feature_norm, voco_prediction_loss, voco_regularisation_loss, voco_transforms)
+from nnssl.integration.checkpoint import encoder_only_state_dict
+from nnssl.methods.voco import (VoCoGeometry, VoCoModel, VoCoProjector, crop_overlaps, feature_norm,
+                                voco_prediction_loss, voco_regularisation_loss, voco_transforms)
 
 GEOMETRIES = [VoCoGeometry((64, 64, 32), (2, 2, 1), 4), VoCoGeometry((12, 9, 8), (3, 3, 2), 6),
               VoCoGeometry((256, 256, 64), (4, 4, 1), 4)]
@@ -35,7 +36,7 @@ def brute_force_overlaps(labels: np.ndarray, target_starts: np.ndarray, geometry
 def tiny_network(features=(8, 16, 32, 64, 64), blocks=(1, 1, 2, 2, 2)):
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
-    from nnssl.plans.presets import ResEncPreset
+    from nnssl.presets import ResEncPreset
 
     arch = ResEncPreset("t", (64, 64, 64), features, blocks, 2).architecture()
     return get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"],

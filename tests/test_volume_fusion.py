@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from conftest import pretrain_smoke, tiny_network
-from nnssl.volume_fusion import (FusionBoxes, VolumeFusionConfig, VolumeFusionTransform, box_size_range, fuse,
-                                 fusion_coefficients, paint_labels, sample_fusion_boxes)
+from nnssl.methods.volume_fusion import (FusionBoxes, VolumeFusionConfig, VolumeFusionTransform, box_size_range, fuse,
+                                         fusion_coefficients, paint_labels, sample_fusion_boxes)
 
 CONFIG = VolumeFusionConfig()
 CPU = torch.device("cpu")
@@ -89,7 +89,7 @@ def test_transform_pairs_first_half_with_second_half_and_labels_coefficient_indi
 
 
 def test_dice_ce_loss_on_hand_made_inputs():
-    from nnssl.trainers.volume_fusion import volume_fusion_loss
+    from nnssl.methods.volume_fusion import volume_fusion_loss
 
     loss = volume_fusion_loss()
     target = torch.zeros(1, 1, 4, 4, 4, dtype=torch.long)

@@ -1,7 +1,7 @@
 """``AMAESPretrainTrainer`` (augmented masked autoencoder) and ``S3DPretrainTrainer_amaesaug`` (S3D + reversal).
 
 Run as ``nnUNetv2_train ID 3d_fullres all -tr AMAESPretrainTrainer -p nnsslPlans``. Both share the augmentation
-reversal of ``nnssl.amaes``: spatial augmentation on input and target alike, intensity/artefact augmentation on the
+reversal of ``nnssl.methods.amaes``: spatial augmentation on input and target alike, intensity/artefact augmentation on the
 input only, the clean target carried through nnU-Net's loader as extra image channels.
 
 * AMAES: 4^3-voxel tokens masked at a fixed ratio 0.6 (exactly int(0.6 N) tokens per sample instead of the paper's
@@ -22,13 +22,13 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch import nn
 
 from nnssl import citations
-from nnssl.amaes import (AMAES, AMAESModel, CarryCleanTarget, augmentation_reversal_loss,
-                         augmentation_reversal_transforms, split_input_and_target)
-from nnssl.masking import MaskingConfig, upsample_mask
-from nnssl.reconstruction_loss import masked_reconstruction_loss
+from nnssl.integration.checkpoint import encoder_only_state_dict
+from nnssl.methods.amaes import (AMAES, AMAESModel, CarryCleanTarget, augmentation_reversal_loss,
+                                 augmentation_reversal_transforms, split_input_and_target)
+from nnssl.methods.masking import MaskingConfig, upsample_mask
+from nnssl.methods.reconstruction_loss import masked_reconstruction_loss
 from nnssl.trainers.s3d import S3DPretrainTrainer
 from nnssl.trainers.variants import define_epoch_variants
-from nnssl.voco import encoder_only_state_dict
 
 
 class AugmentationReversalMixin:

@@ -4,9 +4,9 @@ from typing import Optional
 
 import torch.distributed as dist
 
-from nnssl.environment import flag_from_environment
-from nnssl.schedule import VALIDATION_TTA_OFF_VARIABLE, apply_schedule_overrides
-from nnssl.seeding import SEED_VARIABLE, seed_from_environment, seed_process, seeded_augmenters, stream_seed
+from nnssl.integration.environment import flag_from_environment
+from nnssl.integration.smoke_run import VALIDATION_TTA_OFF_VARIABLE, apply_schedule_overrides
+from nnssl.integration.seeding import SEED_VARIABLE, seed_from_environment, seed_process, seeded_augmenters, stream_seed
 
 
 class nnsslTrainerMixin:

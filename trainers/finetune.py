@@ -3,7 +3,7 @@
 ``nnUNetv2_train ID 3d_fullres FOLD -tr nnsslFinetuneTrainer -p nnsslFinetunePlans``. The pretrained checkpoint is
 the one recorded in the plans (``nnssl_pretrained.checkpoint``) or, overriding it, the ``nnssl_pretrained_checkpoint``
 environment variable. Stem and encoder are transferred by the adaptation plan's prefixes, the decoder starts fresh.
-Each trainer is one ``FinetuneRecipe`` (``nnssl/finetune_recipe.py``); the README's fine-tuning table lists them and
+Each trainer is one ``FinetuneRecipe`` (``nnssl/finetuning/recipe.py``); the README's fine-tuning table lists them and
 the measurements that chose the default.
 """
 
@@ -15,11 +15,11 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnssl import citations
-from nnssl.checkpoint import unwrap
-from nnssl.finetune_augmentation import spatial_only_training_transforms
-from nnssl.finetune_recipe import DEFAULT_RECIPE, PAPER_RECIPE, FinetuneRecipe
-from nnssl.finetune_schedule import FinetuneSchedule
-from nnssl.transfer import PretrainedWeightsError, load_pretrained_checkpoint, transfer_pretrained_weights
+from nnssl.integration.checkpoint import unwrap
+from nnssl.finetuning.augmentation import spatial_only_training_transforms
+from nnssl.finetuning.recipe import DEFAULT_RECIPE, PAPER_RECIPE, FinetuneRecipe
+from nnssl.finetuning.schedule import FinetuneSchedule
+from nnssl.finetuning.transfer import PretrainedWeightsError, load_pretrained_checkpoint, transfer_pretrained_weights
 from nnssl.trainers.base import nnsslTrainerMixin
 from nnssl.trainers.pretraining import freeze_unused_deep_supervision_heads
 from nnssl.trainers.variants import define_epoch_variants

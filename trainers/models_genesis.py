@@ -1,7 +1,7 @@
 """``ModelsGenesisPretrainTrainer``: restore the clean patch from its Models Genesis corruption, MSE over the patch.
 
 Run as ``nnUNetv2_train ID 3d_fullres all -tr ModelsGenesisPretrainTrainer -p nnsslPlans``. The corruption (see
-``nnssl.models_genesis``) runs per sample in nnU-Net's augmentation workers, for training and validation alike (as
+``nnssl.methods.models_genesis``) runs per sample in nnU-Net's augmentation workers, for training and validation alike (as
 the reference); the batch's ``data`` is the corrupted patch and its ``target`` the clean one. The network is the
 plans' dna U-Net with one linear output channel per input channel; ``network_weights`` is that whole U-Net under
 standard dna keys, of which fine-tuning transfers the stem and encoder.
@@ -11,30 +11,11 @@ from typing import Dict, Tuple
 
 import numpy as np
 import torch
-from torch import nn
 
 from nnssl import citations
-from nnssl.models_genesis import MODELS_GENESIS_CITATION, ModelsGenesisTransform, restoration_loss
-from nnssl.trainers.pretraining import nnsslPretrainTrainer
+from nnssl.methods.models_genesis import MODELS_GENESIS_CITATION, ModelsGenesisTransform, restoration_loss
+from nnssl.trainers.patch_pretext import PatchPretextTrainer
 from nnssl.trainers.variants import define_epoch_variants
-
-
-class PatchPretextTrainer(nnsslPretrainTrainer):
-    """Base of pretext tasks solved by the plain dna U-Net on random crops of exactly the patch size.
-
-    Models Genesis and VolumeFusion use no spatial augmentation in the reference, so the loader crops the patch
-    size directly instead of the larger rotation margin. The pretraining model is the dna network itself.
-    """
-
-    def wrap_network(self, network: nn.Module) -> nn.Module:
-        return network
-
-    def transferable_state_dict(self, model: nn.Module) -> Dict[str, torch.Tensor]:
-        return model.state_dict()
-
-    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
-        rotation, dummy_2d, _, mirror_axes = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
-        return rotation, dummy_2d, tuple(self.configuration_manager.patch_size), mirror_axes
 
 
 class ModelsGenesisPretrainTrainer(PatchPretextTrainer):

@@ -28,11 +28,11 @@ from nnunetv2.utilities.collate_outputs import collate_outputs
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
 from nnssl import citations
-from nnssl.adaptation_plan import build_adaptation_plan
-from nnssl.augmentation import PRETRAINING_ROTATION, PRETRAINING_SCALING, spatial_pretraining_transforms
-from nnssl.checkpoint import atomic_torch_save, unwrap
-from nnssl.distributed import gather_from_all_ranks
-from nnssl.reconstruction_figure import save_reconstruction_png
+from nnssl.finetuning.adaptation_plan import build_adaptation_plan
+from nnssl.augmentation import PRETRAINING_ROTATION, PRETRAINING_SCALING, spatial_transforms
+from nnssl.integration.checkpoint import atomic_torch_save, unwrap
+from nnssl.integration.distributed import gather_from_all_ranks
+from nnssl.methods.reconstruction_figure import save_reconstruction_png
 from nnssl.trainers.base import nnsslTrainerMixin
 
 
@@ -134,7 +134,7 @@ class nnsslPretrainTrainer(nnsslTrainerMixin, nnUNetTrainer):
     def get_training_transforms(patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes,
                                 do_dummy_2d_data_aug, use_mask_for_norm=None, is_cascaded=False,
                                 foreground_labels=None, regions=None, ignore_label=None):
-        return spatial_pretraining_transforms(patch_size, rotation_for_DA, mirror_axes)
+        return spatial_transforms(patch_size, rotation_for_DA, mirror_axes)
 
     def set_deep_supervision_enabled(self, enabled: bool):
         """Pretraining never uses deep supervision (the network is built without it)."""

@@ -14,10 +14,10 @@ import torch
 from torch import nn
 
 from nnssl import citations
-from nnssl.distributed import gather_from_all_ranks
-from nnssl.mae_models import DenseMAEModel, S3DModel
-from nnssl.masking import BlockMaskSampler, MaskingConfig, upsample_mask
-from nnssl.reconstruction_loss import masked_reconstruction_loss
+from nnssl.integration.distributed import gather_from_all_ranks
+from nnssl.methods.mae_models import DenseMAEModel, S3DModel
+from nnssl.methods.masking import BlockMaskSampler, MaskingConfig, upsample_mask
+from nnssl.methods.reconstruction_loss import masked_reconstruction_loss
 from nnssl.trainers.pretraining import nnsslPretrainTrainer
 from nnssl.trainers.variants import define_epoch_variants
 

@@ -2,7 +2,7 @@
 
 Run as ``nnUNetv2_train ID 3d_fullres all -tr VoCoPretrainTrainer -p nnsslPlans``. Each sample is a VoCo patch
 (not the plans' patch) tiled into base crops plus random target crops; the encoder embeds every crop (globally
-pooled stage outputs -> projector) and learns to predict target/base overlaps (see ``nnssl.voco``).
+pooled stage outputs -> projector) and learns to predict target/base overlaps (see ``nnssl.methods.voco``).
 
 Geometry: full-size plans train on OpenMind's patch (256,256,64) with a 4x4x1 grid of 64^3 base crops and 4 target
 crops. When the plans' patch is below 128 voxels on some axis (the tiny CPU preset, 64^3), the tiny geometry is
@@ -23,11 +23,12 @@ from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
 from nnssl import citations
-from nnssl.adaptation_plan import build_adaptation_plan
+from nnssl.integration.checkpoint import encoder_only_state_dict
+from nnssl.finetuning.adaptation_plan import build_adaptation_plan
 from nnssl.trainers.pretraining import nnsslPretrainTrainer
 from nnssl.trainers.variants import define_epoch_variants
-from nnssl.voco import (VOCO, VoCoGeometry, VoCoModel, encoder_only_state_dict, voco_prediction_loss,
-                        voco_regularisation_loss, voco_transforms)
+from nnssl.methods.voco import (VOCO, VoCoGeometry, VoCoModel, voco_prediction_loss, voco_regularisation_loss,
+                                voco_transforms)
 
 # Plans whose patch is smaller than this on some axis are CPU/test presets: they get the tiny VoCo geometry.
 TINY_PLANS_PATCH_EDGE = 128

@@ -1,7 +1,7 @@
 """``VolumeFusionPretrainTrainer``: segment the fusion class of every voxel of two box-wise fused patches.
 
 Run as ``nnUNetv2_train ID 3d_fullres all -tr VolumeFusionPretrainTrainer -p nnsslPlans`` (``_K3``, ``_K9``: 3 or 9
-fusion classes instead of 5). Fusion and loss follow the reference (§5.3; ``nnssl.volume_fusion``): Dice + CE
+fusion classes instead of 5). Fusion and loss follow the reference (§5.3; ``nnssl.methods.volume_fusion``): Dice + CE
 (nnU-Net's ``DC_and_CE_loss`` with ``MemoryEfficientSoftDiceLoss``, per-sample Dice including class 0, smooth
 1e-5, weights 1 and 1) on a dna U-Net with K output channels.
 
@@ -25,20 +25,14 @@ import numpy as np
 import torch
 from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
 from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
-from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
-from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnssl import citations
-from nnssl.trainers.models_genesis import PatchPretextTrainer
+from nnssl.methods.volume_fusion import (VOLUME_FUSION_CITATION, VolumeFusionConfig, VolumeFusionTransform,
+                                         volume_fusion_loss)
+from nnssl.trainers.patch_pretext import PatchPretextTrainer
 from nnssl.trainers.variants import define_epoch_variants
-from nnssl.volume_fusion import VOLUME_FUSION_CITATION, VolumeFusionConfig, VolumeFusionTransform
 
-
-def volume_fusion_loss(is_ddp: bool = False) -> DC_and_CE_loss:
-    """The reference's Dice + CE (it returns -Dice + CE, so the loss can be negative)."""
-    return DC_and_CE_loss({"batch_dice": False, "smooth": 1e-5, "do_bg": True, "ddp": is_ddp}, {},
-                          weight_ce=1, weight_dice=1, ignore_label=None, dice_class=MemoryEfficientSoftDiceLoss)
 
 
 class VolumeFusionPretrainTrainer(PatchPretextTrainer):

@@ -11,8 +11,7 @@ import SimpleITK as sitk
 
 from nnssl.ingest.discover import Source
 from nnssl.ingest.validate import (Rejected, check_image, geometry_mismatch, itk_message, mask_on_image_grid,
-                                   nifti_nonfinite_problem,
-                                   placeholder_label, read_image)
+                                   nifti_nonfinite_problem, placeholder_label, read_image)
 
 FILE_ENDING = ".nii.gz"
 CHANNEL_SUFFIX = "_0000"

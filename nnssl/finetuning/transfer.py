@@ -17,7 +17,7 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 from torch import nn
 
-from nnssl.adaptation_plan import KEY_TO_ENCODER, KEY_TO_STEM, KEYS_TO_IN_PROJ
+from nnssl.finetuning.adaptation_plan import KEY_TO_ENCODER, KEY_TO_STEM, KEYS_TO_IN_PROJ
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 ALIASES = ((".all_modules.0.", ".conv."), (".all_modules.1.", ".norm."))

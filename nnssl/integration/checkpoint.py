@@ -1,8 +1,8 @@
-"""Writing checkpoints safely and unwrapping the modules nnU-Net wraps (DDP, torch.compile)."""
+"""Writing checkpoints safely, unwrapping the modules nnU-Net wraps (DDP, torch.compile), encoder-only exports."""
 
 import os
 from pathlib import Path
-from typing import Union
+from typing import Dict, Union
 
 import torch
 from torch import nn
@@ -25,3 +25,12 @@ def atomic_torch_save(obj, filename: Union[str, Path]) -> None:
     temporary = f"{filename}.tmp-{os.getpid()}"
     torch.save(obj, temporary)
     os.replace(temporary, filename)
+
+
+def encoder_only_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The ``encoder.*`` entries of a model that keeps its dna encoder as ``encoder`` (heads are not transferred).
+
+    What the methods export whose head or decoder is discarded after pretraining (VoCo's projector, AMAES'
+    decoder).
+    """
+    return {f"encoder.{key}": value for key, value in model.encoder.state_dict().items()}

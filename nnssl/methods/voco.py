@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import numpy as np
 import torch
@@ -228,14 +228,6 @@ class VoCoModel(nn.Module):
 
     def forward(self, crops: torch.Tensor) -> torch.Tensor:
         return self.projector(self.pooled_features(crops))
-
-
-def encoder_only_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """The ``encoder.*`` entries of a model that keeps its dna encoder as ``encoder`` (heads are not transferred).
-
-    Shared by the methods whose head or decoder is discarded after pretraining (VoCo's projector, AMAES' decoder).
-    """
-    return {f"encoder.{key}": value for key, value in model.encoder.state_dict().items()}
 
 
 # ---------------------------------------------------------------------------------------------------------- losses

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
 
-from nnssl.environment import int_from_environment
-from nnssl.patching import replaced_attribute
+from nnssl.integration.environment import int_from_environment
+from nnssl.integration.patching import replaced_attribute
 
 SEED_VARIABLE = "nnssl_seed"
 

@@ -20,7 +20,7 @@ def prepare_finetune(dataset_id: int, checkpoint_path: str, plans_name: str = "n
     from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset, preprocess_dataset
 
     from nnssl.plans.finetune_planner import nnsslFinetunePlanner
-    from nnssl.transfer import PretrainedWeightsError, load_pretrained_checkpoint
+    from nnssl.finetuning.transfer import PretrainedWeightsError, load_pretrained_checkpoint
 
     checkpoint = load_pretrained_checkpoint(checkpoint_path)
     if "nnssl_adaptation_plan" not in checkpoint:
@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from nnssl.transfer import PretrainedWeightsError
+    from nnssl.finetuning.transfer import PretrainedWeightsError
 
     try:
         plans = prepare_finetune(args.d, args.checkpoint, args.plans_name, args.adaptation_mode,

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from nnssl.finetune_recipe import FinetuneRecipe
+from nnssl.finetuning.recipe import FinetuneRecipe
 
 POLY_EXPONENT = 0.9
 

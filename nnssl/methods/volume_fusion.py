@@ -18,6 +18,8 @@ from typing import Tuple
 import numpy as np
 import torch
 from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
+from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 
 VOLUME_FUSION_CITATION = ("Wang G, Wu J, Luo X, Liu X, Li K, Zhang S. MIS-FM: 3D Medical Image Segmentation using "
                           "Foundation Models Pretrained on a Large-Scale Unannotated Dataset. arXiv:2306.16925 (2023).")
@@ -103,3 +105,9 @@ class VolumeFusionTransform(BasicTransform):
         data_dict["image"] = fuse(foreground, background, labels, self.coefficients)
         data_dict["segmentation"] = labels
         return data_dict
+
+
+def volume_fusion_loss(is_ddp: bool = False) -> DC_and_CE_loss:
+    """The reference's Dice + CE (it returns -Dice + CE, so the loss can be negative)."""
+    return DC_and_CE_loss({"batch_dice": False, "smooth": 1e-5, "do_bg": True, "ddp": is_ddp}, {},
+                          weight_ce=1, weight_dice=1, ignore_label=None, dice_class=MemoryEfficientSoftDiceLoss)

@@ -12,8 +12,8 @@ import torch
 from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
 from torch import nn
 
-from nnssl.masking import upsample_mask
-from nnssl.sparse_encoder import MaskContext, masked_instance_norm, sparse_encode, sparsify_encoder
+from nnssl.methods.masking import upsample_mask
+from nnssl.methods.sparse_encoder import MaskContext, masked_instance_norm, sparse_encode, sparsify_encoder
 
 _DENSIFY_NORM_EPS = 1e-5
 
@@ -41,7 +41,7 @@ def _mask_token(channels: int, std: float, device: torch.device) -> nn.Parameter
 class S3DModel(nn.Module):
     """Sparse MAE: sparse-emulated encoder, densified stage outputs, the network's dense decoder.
 
-    The encoder of ``network`` is instrumented in place (see ``nnssl.sparse_encoder``); mask tokens and densification
+    The encoder of ``network`` is instrumented in place (see ``nnssl.methods.sparse_encoder``); mask tokens and densification
     convs live outside ``network`` so that ``network.state_dict()`` remains a plain dna checkpoint.
     """
 

@@ -3,7 +3,7 @@
 nnU-Net resolves every class named on its command line (``-pl``, ``-tr``, ``-fpe``, the trainer stored in a
 checkpoint at inference) with ``nnunetv2.utilities.find_class_by_name.recursive_find_python_class``, which only
 searches nnunetv2's own folders. The wheel installs ``nnssl_nnunet_hook.pth`` into site-packages; Python executes
-its single line (``import nnssl._nnunet_hook``) at start-up, which registers a tiny import finder and nothing else.
+its single line (``import nnssl.integration.hook``) at start-up, which registers a tiny import finder and nothing else.
 
 The finder does work only when (and if) the process imports that nnU-Net module: right after the module runs, its
 ``recursive_find_python_class`` is wrapped so that a name nnU-Net cannot find in its own folders is looked up in
@@ -43,7 +43,7 @@ def patch_module(module) -> None:
     def recursive_find_python_class(folder, class_name, *args, **kwargs):
         found = original(folder, class_name, *args, **kwargs)
         if found is None and _searches_inside_nnunetv2(folder):
-            from nnssl.registry import find_class
+            from nnssl.integration.registry import find_class
 
             found = find_class(class_name)
         return found

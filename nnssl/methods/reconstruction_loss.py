@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from nnssl.masking import upsample_mask
+from nnssl.methods.masking import upsample_mask
 
 
 def masked_reconstruction_loss(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,

@@ -17,10 +17,11 @@ from batchgenerators.utilities.file_and_folder_operations import join
 from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoint, run_training
 from torch.backends import cudnn
 
-from nnssl.checkpoint import unwrap
-from nnssl.distributed import (DistributedSetupError, TorchrunEnvironment, backend_for, configure_threads,
-                               per_rank_batch_size, place_trainer_on, torchrun_environment, torchrun_session)
-from nnssl.weights_checksum import format_checksums, state_dict_checksums
+from nnssl.integration.checkpoint import unwrap
+from nnssl.integration.distributed import (DistributedSetupError, TorchrunEnvironment, backend_for, configure_threads,
+                                           per_rank_batch_size, place_trainer_on, torchrun_environment,
+                                           torchrun_session)
+from nnssl.integration.weights_checksum import format_checksums, state_dict_checksums
 
 
 def build_parser() -> argparse.ArgumentParser:

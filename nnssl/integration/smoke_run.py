@@ -5,7 +5,7 @@ writing a variant class. They are applied right before ``initialize()`` builds t
 the trainer's own defaults and over ``_5epochs``-style variants.
 """
 
-from nnssl.environment import positive_int_from_environment
+from nnssl.integration.environment import positive_int_from_environment
 
 VALIDATION_TTA_OFF_VARIABLE = "nnssl_val_disable_tta"
 SCHEDULE_VARIABLES = {

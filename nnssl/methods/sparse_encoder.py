@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from nnssl.masking import upsample_mask
+from nnssl.methods.masking import upsample_mask
 
 _REMASKED_OPS = (nn.Conv3d, nn.AvgPool3d, nn.MaxPool3d)
 _SUPPORTED_NORMS = (nn.InstanceNorm3d,)

@@ -29,9 +29,9 @@ from dynamic_network_architectures.building_blocks.helper import get_matching_co
 from dynamic_network_architectures.building_blocks.simple_conv_blocks import ConvDropoutNormReLU
 from torch import nn
 
-from nnssl.augmentation import spatial_pretraining_transforms
-from nnssl.masking import upsample_mask
-from nnssl.reconstruction_loss import masked_reconstruction_loss
+from nnssl.augmentation import spatial_transforms
+from nnssl.methods.masking import upsample_mask
+from nnssl.methods.reconstruction_loss import masked_reconstruction_loss
 
 AMAES = ("Munk A, Ambsdorf J, Llambias S, Nielsen M. AMAES: Augmented Masked Autoencoder Pretraining on Public Brain "
          "MRI Data for 3D-Native Segmentation. MICCAI 2024 Workshop on Advancing Data Solutions in Medical Imaging AI "
@@ -217,7 +217,7 @@ class CarryCleanTarget(BasicTransform):
 def augmentation_reversal_transforms(patch_size: Sequence[int], rotation: Tuple[float, float],
                                      mirror_axes: Sequence[int]) -> ComposeTransforms:
     """nnssl's spatial pipeline (input and target alike), then the AMAES input-only augmentations."""
-    return ComposeTransforms([spatial_pretraining_transforms(patch_size, rotation, mirror_axes),
+    return ComposeTransforms([spatial_transforms(patch_size, rotation, mirror_axes),
                               CarryCleanTarget(amaes_input_augmentation())])
 
 
