@@ -20,13 +20,15 @@ def prepare_finetune(dataset_id: int, checkpoint_path: str, plans_name: str = "n
     from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset, preprocess_dataset
 
     from nnssl.plans.finetune_planner import nnsslFinetunePlanner
-    from nnssl.finetuning.transfer import PretrainedWeightsError, load_pretrained_checkpoint
+    from nnssl.finetuning.transfer import (PretrainedWeightsError, check_weights_match_adaptation_plan,
+                                           load_pretrained_checkpoint)
 
     checkpoint = load_pretrained_checkpoint(checkpoint_path)
     if "nnssl_adaptation_plan" not in checkpoint:
         raise PretrainedWeightsError(
             f"{checkpoint_path} has no 'nnssl_adaptation_plan': it was not written by an nnssl pretraining trainer "
             f"(or by nnssl). Use a pretraining checkpoint, or plan with nnsslPlanner and nnU-Net's -pretrained_weights.")
+    check_weights_match_adaptation_plan(checkpoint, checkpoint_path)
     extract_fingerprint_dataset(dataset_id, num_processes=num_processes_fingerprint, clean=False, verbose=verbose)
     planner = nnsslFinetunePlanner(dataset_id, checkpoint_path, checkpoint, adaptation_mode, override_spacing,
                                    plans_name)

@@ -13,6 +13,7 @@ from batchgeneratorsv2.transforms.spatial.low_resolution import SimulateLowResol
 from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 
 from conftest import assert_encoder_only_checkpoint, pretrain_smoke, tiny_network
+from nnssl.citations import apa_lines
 from nnssl.methods.amaes import (AMAESModel, BiasFieldTransform, CarryCleanTarget, GibbsRingingTransform,
                                  LightweightDecoder, MotionGhostingTransform, MultiplicativeGaussianNoiseTransform,
                                  PerAxisZoom, amaes_input_augmentation, augmentation_reversal_loss,
@@ -243,5 +244,5 @@ def test_amaes_pretraining_through_nnunetv2_train_exports_an_encoder_checkpoint(
     assert_encoder_only_checkpoint(checkpoint)
     assert any(k.startswith("decoder.upsamplers") for k in checkpoint["nnssl_pretraining_weights"])
     assert checkpoint["nnssl_adaptation_plan"]["recommended_downstream_patchsize"] == [64, 64, 64]
-    assert any("AMAES" in c for c in checkpoint["citations"])
+    assert any("AMAES" in line for line in apa_lines(checkpoint["citations"]))
     assert (out / "reconstruction_epoch_0000.png").is_file()

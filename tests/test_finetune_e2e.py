@@ -151,3 +151,36 @@ def test_bad_checkpoints_give_clear_errors(nnunet_dirs, tmp_path):
     assert result.returncode == 1 and "has no 'nnssl_adaptation_plan'" in result.stderr
     result = run_command(["nnssl_prepare_finetune", "-d", 42, "-c", tmp_path / "missing.pth"], check=False)
     assert "does not exist" in result.stderr
+    # weights that do not match the checkpoint's own adaptation plan: refused at planning, every key listed
+    disagreeing = tmp_path / "disagreeing.pth"
+    write_nnssl_layout_checkpoint(disagreeing)
+    checkpoint = torch.load(disagreeing, weights_only=False)
+    stem_key = "_orig_mod.encoder.stem.convs.0.all_modules.0.weight"
+    checkpoint["network_weights"][stem_key] = torch.zeros(3, 1, 3, 3, 3)
+    checkpoint["network_weights"]["_orig_mod.encoder.stages.1.blocks.7.conv1.all_modules.0.weight"] = torch.zeros(1)
+    torch.save(checkpoint, disagreeing)
+    result = run_command(["nnssl_prepare_finetune", "-d", 42, "-c", disagreeing], check=False)
+    assert result.returncode == 1, result.stdout
+    assert f"{disagreeing}: its weights do not match its own nnssl_adaptation_plan" in result.stderr
+    assert "encoder.stem.convs.0.all_modules.0.weight: " in result.stderr and "(3, 1, 3, 3, 3)" in result.stderr
+    assert "encoder.stages.1.blocks.7.conv1.all_modules.0.weight: in the" in result.stderr
+    assert not (nnunet_dirs["nnUNet_preprocessed"] / "Dataset042_Bad" / "nnsslFinetunePlans.json").exists()
+
+
+def test_resume_and_validation_restore_their_own_checkpoint_without_the_pretrained_file(nnunet_dirs, tmp_path):
+    """The pretrained checkpoint is read once, at the start of a fresh training; ``--c`` and ``--val`` work after it
+    has been moved away."""
+    folder, checkpoint, _ = prepared_two_channel_dataset(nnunet_dirs, tmp_path)
+    train = ["nnUNetv2_train", 41, "3d_fullres", 0, "-tr", "nnsslFinetuneTrainer", "-p", "nnsslFinetunePlans",
+             "-device", "cpu"]
+    env = {**SMOKE_3, "nnssl_val_disable_tta": "1"}
+    fresh = run_command(train, extra_env=env)
+    assert f"Pretrained weights from {checkpoint}" in fresh.stdout
+    checkpoint.rename(tmp_path / "moved_away.pth")
+    resumed = run_command(train + ["--c"], extra_env={**env, "nnssl_num_epochs": "4"})
+    assert "Pretrained weights from" not in resumed.stdout
+    model = nnunet_dirs["nnUNet_results"] / folder.name / "nnsslFinetuneTrainer__nnsslFinetunePlans__3d_fullres" / \
+        "fold_0"
+    assert torch.load(model / "checkpoint_final.pth", weights_only=False)["current_epoch"] == 4
+    validated = run_command(train + ["--val"], extra_env=env)
+    assert "Pretrained weights from" not in validated.stdout and (model / "validation" / "summary.json").exists()

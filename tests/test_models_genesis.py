@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import pretrain_smoke, tiny_network
+from nnssl.citations import apa_lines
 from nnssl.methods.models_genesis import (INPAINT, OUTPAINT, CorruptionPlan, ModelsGenesisConfig,
                                           ModelsGenesisTransform, corrupt, flip, inpaint, intensity_curve,
                                           nonlinear_intensity, outpaint, restoration_loss, restoration_pair,
@@ -221,5 +222,5 @@ def test_models_genesis_pretraining_through_stock_nnunetv2_train(tiny_pretrainin
     fresh.load_state_dict(checkpoint["network_weights"], strict=True)
     plan = checkpoint["nnssl_adaptation_plan"]
     assert plan["key_to_stem"] == "encoder.stem" and plan["key_to_encoder"] == "encoder.stages"
-    assert any("Models Genesis" in c for c in checkpoint["citations"])
+    assert any("Models Genesis" in line for line in apa_lines(checkpoint["citations"]))
     assert np.isfinite(checkpoint["logging"]["train_losses"][0])

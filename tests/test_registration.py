@@ -58,9 +58,39 @@ def test_nothing_is_written_into_nnunetv2():
     assert extra == []
 
 
-def test_only_namespaced_top_level_names_are_installed():
+def test_trainers_and_plans_are_namespaced_in_the_wheel_and_in_a_checkout():
     import nnssl
+    import nnssl.plans
+    import nnssl.trainers
 
-    site_packages = Path(nnssl.__file__).parents[1]
-    assert not (site_packages / "trainers").exists() and not (site_packages / "plans").exists()
-    assert (site_packages / "nnssl" / "trainers").is_dir() and (site_packages / "nnssl" / "plans").is_dir()
+    package = Path(nnssl.__file__).parent
+    if (package / "trainers").is_dir():  # the wheel: nothing but nnssl/ (and the hook) at the top of site-packages
+        assert not (package.parent / "trainers").exists() and not (package.parent / "plans").exists()
+        assert (package / "plans").is_dir()
+    else:  # a source checkout (pip install -e .): the checkout's top-level folders under the same names
+        assert Path(nnssl.trainers.__file__).parent == package.parent / "trainers"
+        assert Path(nnssl.plans.__file__).parent == package.parent / "plans"
+
+
+def test_a_source_checkout_is_found_by_the_stock_lookups():
+    """What ``pip install -e .`` gives (the checkout on sys.path before the installed copy): the stock lookups find
+    the checkout's classes."""
+    checkout = Path(__file__).resolve().parents[1]
+    code = ("import sys; from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as find; "
+            "import nnssl; trainer = find('S3DPretrainTrainer'); print(nnssl.__file__); "
+            "print(sys.modules[trainer.__module__].__file__)")
+    result = python(code, PYTHONPATH=str(checkout))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [str(checkout / "nnssl" / "__init__.py"), str(checkout / "trainers" / "s3d.py")]
+
+
+def test_a_hook_that_cannot_register_says_so_in_one_line():
+    code = ("import types, nnssl.integration.hook as hook; "
+            "hook.patch_module(types.ModuleType(hook.TARGET_MODULE))")
+    result = python(code)
+    from importlib.metadata import version
+
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 0 and len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"nnssl: cannot register its trainers and planners with nnU-Net {version('nnunetv2')}: "
+                               f"nnunetv2.utilities.find_class_by_name has no recursive_find_python_class")

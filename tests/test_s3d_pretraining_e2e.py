@@ -9,6 +9,7 @@ import torch
 
 from conftest import (TINY_DATASET_ID, console_script, pretrain_smoke, pretraining_output, run_command,
                       tiny_network)
+from nnssl.citations import apa_lines
 
 SMOKE = {"nnssl_num_epochs": "2", "nnssl_iterations_per_epoch": "2", "nnssl_val_iterations_per_epoch": "1"}
 
@@ -38,7 +39,7 @@ def test_s3d_pretraining_writes_transferable_checkpoint_and_resumes(tiny_pretrai
     assert plan["recommended_downstream_patchsize"] == [64, 64, 64]
     assert plan["architecture_plans"]["arch_class_name"] == "ResidualEncoderUNet"
     assert list(plan["pretrain_plan"]["configurations"]) == ["3d_fullres"]
-    assert any("Revisiting MAE" in c for c in checkpoint["citations"])
+    assert any("Revisiting MAE" in line for line in apa_lines(checkpoint["citations"]))
     # nnU-Net's development-branch nnssl integration reads checkpoints with weights_only=True
     safe = torch.load(out / "checkpoint_final.pth", map_location="cpu", weights_only=True)
     assert safe["nnssl_adaptation_plan"] == plan

@@ -79,6 +79,26 @@ def test_mismatch_lists_every_offending_key_with_shapes():
     assert "encoder.stages.0.blocks.0.conv1.conv.weight" in message
 
 
+def test_a_deeper_encoder_at_the_same_widths_is_rejected_listing_every_extra_tensor():
+    """n_blocks (1, 1, 2, 2) against the network's (1, 1, 1, 1): same shapes for every tensor the network has, so
+    only the checkpoint side of the check can catch it."""
+    from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
+
+    deeper = ResidualEncoderUNet(1, 4, (4, 8, 16, 16), torch.nn.Conv3d, 3, (1, 2, 2, 2), (1, 1, 2, 2), 1, (1, 1, 1),
+                                 conv_bias=True, norm_op=torch.nn.InstanceNorm3d, norm_op_kwargs={"affine": True},
+                                 nonlin=torch.nn.LeakyReLU)
+    extra = sorted(k for k in canonical_state_dict(deeper.state_dict())
+                   if k.startswith("encoder.") and k not in tiny_network().state_dict())
+    assert extra and all(k.startswith(("encoder.stages.2.blocks.1.", "encoder.stages.3.blocks.1.")) for k in extra)
+    with pytest.raises(PretrainedWeightsError) as error:
+        transfer_pretrained_weights(tiny_network(), deeper.state_dict(), PLAN, source="deep.pth")
+    message = str(error.value)
+    assert f"({len(extra)} tensors of stem, encoder)" in message
+    assert all(f"  {key}: in the deep.pth " in message for key in extra)
+    assert "encoder.stages.3.blocks.1.conv1.conv.weight: in the deep.pth (16, 16, 3, 3, 3) but not in the network" \
+        in message
+
+
 def test_encoder_only_checkpoints_load_and_decoder_transfer_needs_a_decoder():
     source, target = tiny_network(), tiny_network()
     encoder_only = {k: v for k, v in source.state_dict().items() if k.startswith("encoder.")}

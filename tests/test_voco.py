@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from conftest import assert_encoder_only_checkpoint, pretrain_smoke
+from nnssl.citations import apa_lines
 from nnssl.integration.checkpoint import encoder_only_state_dict
 from nnssl.methods.voco import (VoCoGeometry, VoCoModel, VoCoProjector, crop_overlaps, feature_norm,
                                 voco_prediction_loss, voco_regularisation_loss, voco_transforms)
@@ -198,5 +199,5 @@ def test_voco_pretraining_through_nnunetv2_train_exports_an_encoder_checkpoint(t
     plan = checkpoint["nnssl_adaptation_plan"]
     assert plan["recommended_downstream_patchsize"] == [32, 32, 32]
     assert plan["pretrain_plan"]["configurations"]["3d_fullres"]["patch_size"] == [32, 32, 32]
-    assert any("VoCo" in c for c in checkpoint["citations"])
+    assert any("VoCo" in line for line in apa_lines(checkpoint["citations"]))
     assert np.isfinite(checkpoint["logging"]["train_losses"][0])

@@ -1,8 +1,8 @@
 """``AMAESPretrainTrainer`` (augmented masked autoencoder) and ``S3DPretrainTrainer_amaesaug`` (S3D + reversal).
 
 Run as ``nnUNetv2_train ID 3d_fullres all -tr AMAESPretrainTrainer -p nnsslPlans``. Both share the augmentation
-reversal of ``nnssl.methods.amaes``: spatial augmentation on input and target alike, intensity/artefact augmentation on the
-input only, the clean target carried through nnU-Net's loader as extra image channels.
+reversal of ``nnssl.methods.amaes``: spatial augmentation on input and target alike, intensity/artefact augmentation on
+the input only, the clean target carried through nnU-Net's loader as extra image channels.
 
 * AMAES: 4^3-voxel tokens masked at a fixed ratio 0.6 (exactly int(0.6 N) tokens per sample instead of the paper's
   independent p = 0.6 per token: same expectation, no variance in the ratio), the zero-masked input through the plans'
@@ -23,7 +23,7 @@ from torch import nn
 
 from nnssl import citations
 from nnssl.integration.checkpoint import encoder_only_state_dict
-from nnssl.methods.amaes import (AMAES, AMAESModel, CarryCleanTarget, augmentation_reversal_loss,
+from nnssl.methods.amaes import (AMAESModel, CarryCleanTarget, augmentation_reversal_loss,
                                  augmentation_reversal_transforms, split_input_and_target)
 from nnssl.methods.masking import MaskingConfig, upsample_mask
 from nnssl.methods.reconstruction_loss import masked_reconstruction_loss
@@ -78,7 +78,7 @@ class AugmentationReversalMixin:
 
 
 class AMAESPretrainTrainer(AugmentationReversalMixin, S3DPretrainTrainer):
-    citations = citations.PRETRAINING_BASE + (AMAES, citations.MAE)
+    citations = citations.PRETRAINING_BASE + (citations.AMAES, citations.MAE)
     masking = MaskingConfig(block_size=4, ratio_range=(0.6, 0.6))
 
     def wrap_network(self, network: nn.Module) -> nn.Module:
@@ -96,7 +96,7 @@ class AMAESPretrainTrainer(AugmentationReversalMixin, S3DPretrainTrainer):
 class S3DPretrainTrainer_amaesaug(AugmentationReversalMixin, S3DPretrainTrainer):
     """S3D (sparse masking, masked-voxel MSE) trained to reverse the AMAES input augmentations."""
 
-    citations = S3DPretrainTrainer.citations + (AMAES,)
+    citations = S3DPretrainTrainer.citations + (citations.AMAES,)
 
 
 for _trainer in (AMAESPretrainTrainer, S3DPretrainTrainer_amaesaug):

@@ -54,6 +54,7 @@ class nnsslFinetuneTrainer(nnsslTrainerMixin, nnUNetTrainer):
         self.enable_deep_supervision = self.recipe.deep_supervision
         self.schedule: Optional[FinetuneSchedule] = None
         self._iteration_in_epoch = 0
+        self.restored_from_checkpoint = False
 
     @property
     def global_step(self) -> int:
@@ -110,11 +111,18 @@ class nnsslFinetuneTrainer(nnsslTrainerMixin, nnUNetTrainer):
         recorded = self.plans_manager.plans.get("nnssl_pretrained", {}).get("checkpoint")
         return os.environ.get(CHECKPOINT_VARIABLE) or recorded
 
-    def initialize(self):
-        was_initialized = self.was_initialized
-        super().initialize()
-        if not was_initialized and self.recipe.loads_pretrained:
+    def on_train_start(self):
+        """The pretrained weights are read once, at the start of a fresh training: a run resumed with ``--c`` (or
+        validated with ``--val``) restores its own checkpoint and never needs the pretrained file again."""
+        if not self.was_initialized:
+            self.initialize()
+        if self.recipe.loads_pretrained and not self.restored_from_checkpoint:
             self._load_pretrained_weights()
+        super().on_train_start()
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        super().load_checkpoint(filename_or_checkpoint)
+        self.restored_from_checkpoint = True
 
     def _load_pretrained_weights(self) -> None:
         path = self.pretrained_checkpoint_path()
@@ -130,8 +138,9 @@ class nnsslFinetuneTrainer(nnsslTrainerMixin, nnUNetTrainer):
         self.print_to_log_file(f"Pretrained weights from {path} ({checkpoint.get('trainer_name', 'unknown trainer')}):")
         for line in report.lines():
             self.print_to_log_file("  " + line)
-        references = list(checkpoint.get("citations") or []) + [citations.S3D, citations.NNUNET]
-        self.print_to_log_file("Please cite:\n  " + "\n  ".join(dict.fromkeys(references)))
+        references = [*(checkpoint.get("citations") or []),
+                      *citations.checkpoint_entries([citations.S3D, citations.NNUNET])]
+        self.print_to_log_file("Please cite:\n  " + "\n  ".join(citations.apa_lines(references)))
 
 
 class nnsslFinetuneTrainer_paper(nnsslFinetuneTrainer):

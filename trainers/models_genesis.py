@@ -1,8 +1,8 @@
 """``ModelsGenesisPretrainTrainer``: restore the clean patch from its Models Genesis corruption, MSE over the patch.
 
 Run as ``nnUNetv2_train ID 3d_fullres all -tr ModelsGenesisPretrainTrainer -p nnsslPlans``. The corruption (see
-``nnssl.methods.models_genesis``) runs per sample in nnU-Net's augmentation workers, for training and validation alike (as
-the reference); the batch's ``data`` is the corrupted patch and its ``target`` the clean one. The network is the
+``nnssl.methods.models_genesis``) runs per sample in nnU-Net's augmentation workers, for training and validation alike
+(as the reference); the batch's ``data`` is the corrupted patch and its ``target`` the clean one. The network is the
 plans' dna U-Net with one linear output channel per input channel; ``network_weights`` is that whole U-Net under
 standard dna keys, of which fine-tuning transfers the stem and encoder.
 """
@@ -13,13 +13,13 @@ import numpy as np
 import torch
 
 from nnssl import citations
-from nnssl.methods.models_genesis import MODELS_GENESIS_CITATION, ModelsGenesisTransform, restoration_loss
+from nnssl.methods.models_genesis import ModelsGenesisTransform, restoration_loss
 from nnssl.trainers.patch_pretext import PatchPretextTrainer
 from nnssl.trainers.variants import define_epoch_variants
 
 
 class ModelsGenesisPretrainTrainer(PatchPretextTrainer):
-    citations = citations.PRETRAINING_BASE + (MODELS_GENESIS_CITATION,)
+    citations = citations.PRETRAINING_BASE + (citations.MODELS_GENESIS,)
 
     @staticmethod
     def get_training_transforms(patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes,

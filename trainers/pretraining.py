@@ -28,6 +28,7 @@ from nnunetv2.utilities.collate_outputs import collate_outputs
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
 from nnssl import citations
+from nnssl.citations import Citation
 from nnssl.finetuning.adaptation_plan import build_adaptation_plan
 from nnssl.augmentation import PRETRAINING_ROTATION, PRETRAINING_SCALING, spatial_transforms
 from nnssl.integration.checkpoint import atomic_torch_save, unwrap
@@ -52,7 +53,7 @@ class NonFiniteLossError(RuntimeError):
 
 
 class nnsslPretrainTrainer(nnsslTrainerMixin, nnUNetTrainer):
-    citations: Tuple[str, ...] = citations.PRETRAINING_BASE
+    citations: Tuple[Citation, ...] = citations.PRETRAINING_BASE
     gradient_clip_norm: Optional[float] = 12.0
     use_fp16: bool = False
     max_nonfinite_losses_per_epoch: int = 20
@@ -144,7 +145,8 @@ class nnsslPretrainTrainer(nnsslTrainerMixin, nnUNetTrainer):
 
     def on_train_start(self):
         super().on_train_start()
-        self.print_to_log_file("Please cite:\n  " + "\n  ".join(self.citations), also_print_to_console=False)
+        self.print_to_log_file("Please cite:\n  " + "\n  ".join(c.apa for c in self.citations),
+                               also_print_to_console=False)
 
     # ------------------------------------------------------------------------------------------------- steps
     def autocast(self):
@@ -275,7 +277,7 @@ class nnsslPretrainTrainer(nnsslTrainerMixin, nnUNetTrainer):
             "trainer_name": self.__class__.__name__,
             "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
             "nnssl_adaptation_plan": self.adaptation_plan(),
-            "citations": list(self.citations),
+            "citations": citations.checkpoint_entries(self.citations),
         }
         atomic_torch_save(checkpoint, filename)
 

@@ -27,15 +27,14 @@ from nnssl.integration.checkpoint import encoder_only_state_dict
 from nnssl.finetuning.adaptation_plan import build_adaptation_plan
 from nnssl.trainers.pretraining import nnsslPretrainTrainer
 from nnssl.trainers.variants import define_epoch_variants
-from nnssl.methods.voco import (VOCO, VoCoGeometry, VoCoModel, voco_prediction_loss, voco_regularisation_loss,
-                                voco_transforms)
+from nnssl.methods.voco import VoCoGeometry, VoCoModel, voco_prediction_loss, voco_regularisation_loss, voco_transforms
 
 # Plans whose patch is smaller than this on some axis are CPU/test presets: they get the tiny VoCo geometry.
 TINY_PLANS_PATCH_EDGE = 128
 
 
 class VoCoPretrainTrainer(nnsslPretrainTrainer):
-    citations = citations.PRETRAINING_BASE + (VOCO,)
+    citations = citations.PRETRAINING_BASE + (citations.VOCO,)
     geometry = VoCoGeometry(patch_size=(256, 256, 64), base_crop_count=(4, 4, 1), target_crop_count=4)
     tiny_geometry = VoCoGeometry(patch_size=(64, 64, 32), base_crop_count=(2, 2, 1), target_crop_count=4)
     prediction_loss_weight = 1.0

@@ -28,15 +28,14 @@ from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnssl import citations
-from nnssl.methods.volume_fusion import (VOLUME_FUSION_CITATION, VolumeFusionConfig, VolumeFusionTransform,
-                                         volume_fusion_loss)
+from nnssl.methods.volume_fusion import VolumeFusionConfig, VolumeFusionTransform, volume_fusion_loss
 from nnssl.trainers.patch_pretext import PatchPretextTrainer
 from nnssl.trainers.variants import define_epoch_variants
 
 
 
 class VolumeFusionPretrainTrainer(PatchPretextTrainer):
-    citations = citations.PRETRAINING_BASE + (VOLUME_FUSION_CITATION,)
+    citations = citations.PRETRAINING_BASE + (citations.VOLUME_FUSION,)
     fusion_config = VolumeFusionConfig()
 
     def __init__(self, plans: dict, configuration: str, fold, dataset_json: dict,

@@ -33,7 +33,7 @@ def nnunet_architecture(adaptation_plan: dict) -> dict:
     arch = adaptation_plan["architecture_plans"]
     name = arch["arch_class_name"]
     if name in PRESET_NAMES:
-        from nnssl.plans import presets
+        from nnssl import presets
 
         return getattr(presets, PRESET_NAMES[name]).architecture()
     if name not in ("ResidualEncoderUNet", "PlainConvUNet") or not arch.get("arch_kwargs"):

@@ -7,7 +7,9 @@ Rules (S3D fine-tuning; reference behaviour in nnssl-behaviour.md §3.3):
   nnssl's Spark trainer hold untrained tensors under the first alias, so the ``all_modules`` tensors always win;
 * parts are selected by the adaptation plan's prefixes (``key_to_stem``, ``key_to_encoder``);
 * a one-channel pretrained stem is replicated over the downstream input channels and divided by their number;
-* anything missing or of the wrong shape is reported in ONE error listing every offending key and both shapes.
+* strict on both sides: a transferred tensor that is missing, of the wrong shape, or present in the checkpoint but
+  not in the network (e.g. an encoder with more blocks at the same widths) is reported in ONE error listing every
+  offending key and its shapes.
 """
 
 import os
@@ -17,7 +19,7 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 from torch import nn
 
-from nnssl.finetuning.adaptation_plan import KEY_TO_ENCODER, KEY_TO_STEM, KEYS_TO_IN_PROJ
+from nnssl.finetuning.adaptation_plan import KEY_TO_ENCODER, KEY_TO_STEM, KEYS_TO_IN_PROJ, nnunet_architecture
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 ALIASES = ((".all_modules.0.", ".conv."), (".all_modules.1.", ".norm."))
@@ -128,6 +130,9 @@ def transfer_pretrained_weights(network: nn.Module, network_weights: Dict[str, t
         new_values[key] = value.to(dtype=tensor.dtype)
         loaded_storages.setdefault(part, set()).add(tensor.data_ptr())  # dna aliases share one tensor
     report.loaded = {part: len(storages) for part, storages in loaded_storages.items()}
+    problems += [f"  {key}: in the {source} {tuple(value.shape)} but not in the network (a deeper or different "
+                 f"{part_of(key, prefixes)})" for key, value in pretrained.items()
+                 if part_of(key, prefixes) and key not in target]
     if problems:
         raise PretrainedWeightsError(f"The pretrained weights do not match the network ({len(problems)} "
                                      f"tensors of {', '.join(parts)}):\n" + "\n".join(problems))
@@ -162,3 +167,24 @@ def skipped_summary(pretrained: Dict[str, torch.Tensor], prefixes: Dict[str, str
             group = "other"
         counts[group] = counts.get(group, 0) + 1
     return {group: (n, reasons[group]) for group, n in counts.items()}
+
+
+def check_weights_match_adaptation_plan(checkpoint: dict, source: str) -> TransferReport:
+    """Load the checkpoint's stem and encoder into the network its own adaptation plan describes (strictly, as
+    fine-tuning will): a checkpoint whose weights and plan disagree fails at planning time, not after preprocessing.
+    """
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    plan = checkpoint["nnssl_adaptation_plan"]
+    try:
+        architecture = nnunet_architecture(plan)
+    except ValueError as error:
+        raise PretrainedWeightsError(f"{source}: {error}") from None
+    network = get_network_from_plans(architecture["network_class_name"], architecture["arch_kwargs"],
+                                     architecture["_kw_requires_import"],
+                                     int(plan.get("pretrain_num_input_channels") or 1), 1, deep_supervision=False)
+    try:
+        return transfer_pretrained_weights(network, checkpoint["network_weights"], plan, source=source)
+    except PretrainedWeightsError as error:
+        raise PretrainedWeightsError(f"{source}: its weights do not match its own nnssl_adaptation_plan "
+                                     f"(architecture_plans). {error}") from None

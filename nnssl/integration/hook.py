@@ -8,8 +8,9 @@ its single line (``import nnssl.integration.hook``) at start-up, which registers
 The finder does work only when (and if) the process imports that nnU-Net module: right after the module runs, its
 ``recursive_find_python_class`` is wrapped so that a name nnU-Net cannot find in its own folders is looked up in
 ``nnssl.trainers`` and ``nnssl.plans``. Built-in nnU-Net names always win, ``nnUNet_extTrainer`` keeps working, and
-if a future nnU-Net moves or renames the function the hook silently does nothing (the README's test suite then
-fails loudly instead). Set ``NNSSL_DISABLE_NNUNET_HOOK=1`` to switch it off.
+if a future nnU-Net renames the function or the wrapping fails, the hook prints one line naming the nnU-Net version
+(instead of nnU-Net's bare "could not find trainer" later) and leaves nnU-Net untouched. Set
+``NNSSL_DISABLE_NNUNET_HOOK=1`` to switch it off.
 """
 
 import os
@@ -32,10 +33,28 @@ def _searches_inside_nnunetv2(folder: str) -> bool:
     return False
 
 
+def nnunet_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("nnunetv2")
+    except Exception:  # a source checkout of nnU-Net without metadata
+        return "of unknown version"
+
+
+def report_registration_failure(reason: str) -> None:
+    """The one line a user sees when nnssl cannot register, printed to stderr (never raises)."""
+    print(f"nnssl: cannot register its trainers and planners with nnU-Net {nnunet_version()}: {reason}. Stock "
+          f"commands will not find nnssl classes; nnssl supports nnunetv2>=2.8.1,<2.9.", file=sys.stderr)
+
+
 def patch_module(module) -> None:
     """Wrap the class lookup of an imported ``nnunetv2.utilities.find_class_by_name`` module (idempotent)."""
     original = getattr(module, TARGET_FUNCTION, None)
-    if original is None or getattr(original, "_nnssl_wrapped", False):
+    if original is None:
+        report_registration_failure(f"{TARGET_MODULE} has no {TARGET_FUNCTION}")
+        return
+    if getattr(original, "_nnssl_wrapped", False):
         return
     import functools
 
@@ -76,7 +95,7 @@ class _PatchAfterImport:
             try:
                 patch_module(module)
             except Exception as error:  # never break nnU-Net because of the hook
-                print(f"nnssl: could not register with nnU-Net's class lookup: {error!r}", file=sys.stderr)
+                report_registration_failure(f"wrapping {TARGET_MODULE}.{TARGET_FUNCTION} failed ({error!r})")
 
         loader.exec_module = exec_module
         return spec

@@ -33,9 +33,6 @@ from nnssl.augmentation import spatial_transforms
 from nnssl.methods.masking import upsample_mask
 from nnssl.methods.reconstruction_loss import masked_reconstruction_loss
 
-AMAES = ("Munk A, Ambsdorf J, Llambias S, Nielsen M. AMAES: Augmented Masked Autoencoder Pretraining on Public Brain "
-         "MRI Data for 3D-Native Segmentation. MICCAI 2024 Workshop on Advancing Data Solutions in Medical Imaging AI "
-         "(ADSMI).")
 
 _INTERPOLATION_MODES = {1: "linear", 2: "bilinear", 3: "trilinear"}
 

@@ -41,8 +41,8 @@ def _mask_token(channels: int, std: float, device: torch.device) -> nn.Parameter
 class S3DModel(nn.Module):
     """Sparse MAE: sparse-emulated encoder, densified stage outputs, the network's dense decoder.
 
-    The encoder of ``network`` is instrumented in place (see ``nnssl.methods.sparse_encoder``); mask tokens and densification
-    convs live outside ``network`` so that ``network.state_dict()`` remains a plain dna checkpoint.
+    The encoder of ``network`` is instrumented in place (see ``nnssl.methods.sparse_encoder``); mask tokens and
+    densification convs live outside ``network`` so that ``network.state_dict()`` remains a plain dna checkpoint.
     """
 
     def __init__(self, network: ResidualEncoderUNet, mask_token_std: float = 0.02) -> None:

@@ -30,8 +30,6 @@ import numpy as np
 import torch
 from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
 
-MODELS_GENESIS_CITATION = ("Zhou Z, Sodha V, Pang J, Gotway MB, Liang J. Models Genesis. Medical Image Analysis 67, "
-                           "101840 (2021).")
 
 INPAINT = "inpaint"
 OUTPAINT = "outpaint"

@@ -1,9 +1,13 @@
 """PNG of one validation case during pretraining: input, masked input, reconstruction, target (central slices)."""
 
+import textwrap
 from pathlib import Path
 from typing import Dict
 
 import numpy as np
+
+FIGURE_WIDTH_INCHES = 9
+CAPTION_CHARACTERS_PER_LINE = 80  # at matplotlib's default title size, 80 characters fit in 9 inches
 
 
 def central_slices(volume: np.ndarray) -> np.ndarray:
@@ -15,8 +19,13 @@ def central_slices(volume: np.ndarray) -> np.ndarray:
     return np.concatenate(padded, axis=1)
 
 
-def save_reconstruction_png(panels: Dict[str, np.ndarray], filename: Path, title: str) -> None:
-    """``panels`` maps a caption to a (X, Y, Z) array; all panels share the intensity window of the first one."""
+def reconstruction_figure(panels: Dict[str, np.ndarray], title: str):
+    """One row per panel; ``panels`` maps a caption to a (X, Y, Z) array, and all panels share the intensity window
+    of the first one.
+
+    Drawn in matplotlib's default style: nnU-Net's progress plot sets seaborn's ``font_scale=2.5`` for the whole
+    process, at which the captions no longer fit. Captions are also wrapped and the layout is constrained, so that
+    no label is cut at the figure's edge."""
     import matplotlib
 
     matplotlib.use("agg")
@@ -24,12 +33,20 @@ def save_reconstruction_png(panels: Dict[str, np.ndarray], filename: Path, title
 
     first = next(iter(panels.values()))
     low, high = np.percentile(first[np.isfinite(first)], (0.5, 99.5))
-    figure, axes = plt.subplots(len(panels), 1, figsize=(9, 3.2 * len(panels)))
-    for axis, (caption, volume) in zip(np.atleast_1d(axes), panels.items()):
-        axis.imshow(central_slices(volume.astype(np.float32)), cmap="gray", vmin=low, vmax=high)
-        axis.set_title(caption)
-        axis.axis("off")
-    figure.suptitle(title)
-    figure.tight_layout()
+    with plt.style.context("default"):
+        figure, axes = plt.subplots(len(panels), 1, figsize=(FIGURE_WIDTH_INCHES, 3.2 * len(panels)),
+                                    layout="constrained")
+        for axis, (caption, volume) in zip(np.atleast_1d(axes), panels.items()):
+            axis.imshow(central_slices(volume.astype(np.float32)), cmap="gray", vmin=low, vmax=high)
+            axis.set_title(textwrap.fill(caption, CAPTION_CHARACTERS_PER_LINE))
+            axis.axis("off")
+        figure.suptitle(textwrap.fill(title, CAPTION_CHARACTERS_PER_LINE))
+    return figure
+
+
+def save_reconstruction_png(panels: Dict[str, np.ndarray], filename: Path, title: str) -> None:
+    import matplotlib.pyplot as plt
+
+    figure = reconstruction_figure(panels, title)
     figure.savefig(filename, dpi=80)
     plt.close(figure)

@@ -32,8 +32,6 @@ from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 from batchgeneratorsv2.transforms.utils.random import RandomTransform
 from torch import nn
 
-VOCO = ("Wu L, Zhuang J, Chen H. VoCo: A Simple-yet-Effective Volume Contrastive Learning Framework for 3D Medical "
-        "Image Analysis. CVPR 2024.")
 
 # -log(1 - |overlap - similarity| + eps): eps keeps the logarithm finite when a prediction is completely wrong.
 PREDICTION_LOG_EPS = 1e-6

@@ -21,8 +21,6 @@ from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
 from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 
-VOLUME_FUSION_CITATION = ("Wang G, Wu J, Luo X, Liu X, Li K, Zhang S. MIS-FM: 3D Medical Image Segmentation using "
-                          "Foundation Models Pretrained on a Large-Scale Unannotated Dataset. arXiv:2306.16925 (2023).")
 
 
 @dataclass(frozen=True)
