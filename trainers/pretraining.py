@@ -31,7 +31,8 @@ from nnssl import citations
 from nnssl.citations import Citation
 from nnssl.finetuning.adaptation_plan import build_adaptation_plan
 from nnssl.augmentation import PRETRAINING_ROTATION, PRETRAINING_SCALING, spatial_transforms
-from nnssl.integration.checkpoint import atomic_torch_save, unwrap
+from nnssl.integration.checkpoint import (PretrainingCheckpoint, atomic_torch_save, checkpoint_dict,
+                                          checkpoint_from_dict, unwrap)
 from nnssl.integration.distributed import gather_from_all_ranks
 from nnssl.methods.reconstruction_figure import save_reconstruction_png
 from nnssl.trainers.base import nnsslTrainerMixin
@@ -262,41 +263,32 @@ class nnsslPretrainTrainer(nnsslTrainerMixin, nnUNetTrainer):
             self.print_to_log_file("No checkpoint written, checkpointing is disabled")
             return
         model = unwrap(self.network)
-        checkpoint = {
-            # on the CPU: nnU-Net's stock -pretrained_weights loads without map_location
-            "network_weights": {k: v.detach().cpu() for k, v in self.transferable_state_dict(model).items()},
-            "nnssl_pretraining_weights": model.state_dict(),
-            "optimizer_state": self.optimizer.state_dict(),
-            "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
-            "logging": self.logger.get_checkpoint(),
-            "_best_ema": self._best_ema,
-            "nnssl_best_val_loss": self.best_val_loss,
-            "nnssl_trainer_state": extra_state,
-            "current_epoch": self.current_epoch + 1,
-            "init_args": self.my_init_kwargs,
-            "trainer_name": self.__class__.__name__,
-            "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
-            "nnssl_adaptation_plan": self.adaptation_plan(),
-            "citations": citations.checkpoint_entries(self.citations),
-        }
-        atomic_torch_save(checkpoint, filename)
+        checkpoint = PretrainingCheckpoint(
+            network_weights=self.transferable_state_dict(model), pretraining_weights=model.state_dict(),
+            optimizer_state=self.optimizer.state_dict(),
+            grad_scaler_state=self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
+            logging=self.logger.get_checkpoint(), best_ema=self._best_ema, next_epoch=self.current_epoch + 1,
+            init_args=self.my_init_kwargs, trainer_name=self.__class__.__name__,
+            inference_allowed_mirroring_axes=self.inference_allowed_mirroring_axes,
+            best_val_loss=self.best_val_loss, trainer_state=extra_state, adaptation_plan=self.adaptation_plan(),
+            citations=citations.checkpoint_entries(self.citations))
+        atomic_torch_save(checkpoint_dict(checkpoint), filename)
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         if not self.was_initialized:
             self.initialize()
-        checkpoint = filename_or_checkpoint
+        loaded = filename_or_checkpoint
         if isinstance(filename_or_checkpoint, str):
-            checkpoint = torch.load(filename_or_checkpoint, map_location=self.device, weights_only=False)
-        if "nnssl_pretraining_weights" not in checkpoint:
-            raise RuntimeError(f"{filename_or_checkpoint} is not an nnssl pretraining checkpoint (no "
-                               f"'nnssl_pretraining_weights'); it cannot be resumed with {self.__class__.__name__}.")
-        unwrap(self.network).load_state_dict(checkpoint["nnssl_pretraining_weights"])
-        self.my_init_kwargs = checkpoint["init_args"]
-        self.current_epoch = checkpoint["current_epoch"]
-        self.logger.load_checkpoint(checkpoint["logging"])
-        self._best_ema = checkpoint["_best_ema"]
-        self.best_val_loss = checkpoint["nnssl_best_val_loss"]
-        self.optimizer.load_state_dict(checkpoint["optimizer_state"])
-        if self.grad_scaler is not None and checkpoint["grad_scaler_state"] is not None:
-            self.grad_scaler.load_state_dict(checkpoint["grad_scaler_state"])
-        self.load_extra_state(checkpoint["nnssl_trainer_state"])
+            loaded = torch.load(filename_or_checkpoint, map_location=self.device, weights_only=False)
+        source = filename_or_checkpoint if isinstance(filename_or_checkpoint, str) else "the checkpoint"
+        checkpoint = checkpoint_from_dict(loaded, source)
+        unwrap(self.network).load_state_dict(checkpoint.pretraining_weights)
+        self.my_init_kwargs = checkpoint.init_args
+        self.current_epoch = checkpoint.next_epoch
+        self.logger.load_checkpoint(checkpoint.logging)
+        self._best_ema = checkpoint.best_ema
+        self.best_val_loss = checkpoint.best_val_loss
+        self.optimizer.load_state_dict(checkpoint.optimizer_state)
+        if self.grad_scaler is not None and checkpoint.grad_scaler_state is not None:
+            self.grad_scaler.load_state_dict(checkpoint.grad_scaler_state)
+        self.load_extra_state(checkpoint.trainer_state)
