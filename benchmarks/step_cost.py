@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Callable, ContextManager
 
@@ -89,8 +89,7 @@ class _PretrainHost(_Host):
     num_output_channels = nnsslPretrainTrainer.num_output_channels
     _clip_gradients = nnsslPretrainTrainer._clip_gradients
     _count_nonfinite_loss = nnsslPretrainTrainer._count_nonfinite_loss
-    gradient_clip_norm = nnsslPretrainTrainer.gradient_clip_norm
-    max_nonfinite_losses_per_epoch = nnsslPretrainTrainer.max_nonfinite_losses_per_epoch
+    recipe = nnsslPretrainTrainer.recipe
     compute_loss = S3DPretrainTrainer.compute_loss
     _predict = S3DPretrainTrainer._predict
     loss_region = S3DPretrainTrainer.loss_region
@@ -100,7 +99,7 @@ class _PretrainHost(_Host):
 
     def __init__(self, device: torch.device, configuration_manager: ConfigurationManager, use_fp16: bool) -> None:
         super().__init__(device, configuration_manager)
-        self.use_fp16 = use_fp16
+        self.recipe = replace(self.recipe, precision="fp16" if use_fp16 else "bf16")
         self._nonfinite_losses_this_epoch = 0
         self.mask_sampler = BlockMaskSampler(configuration_manager.patch_size, self.masking, seed=0)
 
@@ -183,7 +182,7 @@ def prepare(case: str, settings: Settings) -> tuple[_Host, Callable[[], object]]
         host.loss = host._build_loss()
         if settings.device.type == "cuda" and not settings.bf16:
             host.grad_scaler = torch.amp.GradScaler("cuda")
-    elif host.use_fp16:
+    elif host.recipe.uses_fp16:
         host.grad_scaler = torch.amp.GradScaler("cuda")
     batch = make_batch(case, host, settings)
 

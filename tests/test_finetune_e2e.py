@@ -184,3 +184,63 @@ def test_resume_and_validation_restore_their_own_checkpoint_without_the_pretrain
     assert torch.load(model / "checkpoint_final.pth", weights_only=False)["current_epoch"] == 4
     validated = run_command(train + ["--val"], extra_env=env)
     assert "Pretrained weights from" not in validated.stdout and (model / "validation" / "summary.json").exists()
+
+
+def test_adaptation_modes_plan_the_spacing_they_promise(nnunet_dirs, tmp_path):
+    """``-am like_pretrained`` (default), ``fixed -os``, ``default_nnunet`` and ``no_resample`` through the CLI."""
+    folder = write_labeled_dataset(nnunet_dirs["nnUNet_raw"], 43, "Modes", shapes=[(20, 40, 40)] * 3,
+                                   spacings=[(2.0, 1.0, 1.0)] * 3)
+    checkpoint = tmp_path / "nnssl_layout.pth"
+    write_nnssl_layout_checkpoint(checkpoint)
+    modes = {"like_pretrained": [], "fixed": ["-os", 1.5, 0.5, 0.5], "default_nnunet": [], "no_resample": []}
+    for mode, extra in modes.items():
+        run_command(["nnssl_prepare_finetune", "-d", 43, "-c", checkpoint, "-am", mode, *extra, "-p", f"plans_{mode}",
+                     "--no_pp", "-npfp", 1])
+    config = {mode: json.loads((nnunet_dirs["nnUNet_preprocessed"] / folder.name / f"plans_{mode}.json").read_text())
+              ["configurations"]["3d_fullres"] for mode in modes}
+    assert config["like_pretrained"]["spacing"] == [1.0, 1.0, 1.0]  # the checkpoint's pretraining spacing
+    assert config["fixed"]["spacing"] == [1.5, 0.5, 0.5]
+    assert config["default_nnunet"]["spacing"] == [2.0, 1.0, 1.0]  # nnU-Net's choice: the dataset's median
+    assert config["no_resample"]["resampling_fn_data"] == "no_resampling_hack"
+    assert all(c["resampling_fn_data"] != "no_resampling_hack" for m, c in config.items() if m != "no_resample")
+    assert all(c["architecture"] == tiny_plans_architecture() for c in config.values())
+
+
+def test_amaes_and_encoder_decoder_recipes_train_through_the_stock_command(nnunet_dirs, tmp_path, monkeypatch):
+    """``_amaes``: AdamW with cosine decay and spatial-only augmentation; ``_encdec``: the decoder transferred too."""
+    folder, checkpoint, trained = prepared_two_channel_dataset(nnunet_dirs, tmp_path)
+    env = {**SMOKE_3, "nnssl_val_disable_tta": "1"}
+    results = nnunet_dirs["nnUNet_results"] / folder.name
+    for trainer, expected in (("nnsslFinetuneTrainer_amaes", "pretrained stem + encoder; cosine decay to iteration 6; "
+                                                            "peak LR 0.0001, adamw, deep supervision off"),
+                              ("nnsslFinetuneTrainer_encdec", "pretrained stem + encoder + decoder; whole-network "
+                                                             "warm-up 1 iterations")):
+        run_command(["nnUNetv2_train", 41, "3d_fullres", 0, "-tr", trainer, "-p", "nnsslFinetunePlans", "-device",
+                     "cpu"], extra_env=env)
+        log = next((results / f"{trainer}__nnsslFinetunePlans__3d_fullres" / "fold_0").glob("training_log_*")).read_text()
+        assert expected in log, log[-3000:]
+
+    from batchgeneratorsv2.transforms.intensity.gaussian_noise import GaussianNoiseTransform
+    from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
+    for variable, value in SMOKE_3.items():
+        monkeypatch.setenv(variable, value)
+    amaes = get_trainer_from_args("41", "3d_fullres", 0, "nnsslFinetuneTrainer_amaes", "nnsslFinetunePlans",
+                                  device=torch.device("cpu"))
+    amaes.initialize()
+    assert isinstance(amaes.optimizer, torch.optim.AdamW) and amaes.optimizer.defaults["amsgrad"]
+    rotation, dummy_2d, initial_patch, mirror = amaes.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+    pipeline = amaes.get_training_transforms(amaes.configuration_manager.patch_size, rotation, None, mirror, dummy_2d)
+    kinds = {type(t) for t in pipeline.transforms} | {type(t) for c in pipeline.transforms
+                                                      for t in getattr(c, "transforms", [])}
+    assert SpatialTransform in kinds and GaussianNoiseTransform not in kinds
+
+    encdec = get_trainer_from_args("41", "3d_fullres", 1, "nnsslFinetuneTrainer_encdec", "nnsslFinetunePlans",
+                                   device=torch.device("cpu"))
+    encdec.on_train_start()
+    decoder = encdec.network.decoder.stages.state_dict()
+    assert all(torch.equal(value, trained[f"decoder.stages.{key}"]) for key, value in decoder.items()
+               if ".all_modules." in key)
+    encdec.on_train_end()

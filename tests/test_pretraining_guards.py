@@ -1,10 +1,12 @@
 """The pretraining base trainer's guards, on a bare model: non-finite losses skip the update and stop training."""
 
 from contextlib import nullcontext
+from dataclasses import replace
 
 import pytest
 import torch
 
+from nnssl.methods.recipe import PRETRAIN_RECIPE
 from nnssl.trainers.pretraining import NonFiniteLossError, nnsslPretrainTrainer
 
 
@@ -14,8 +16,7 @@ class Host:
     train_step = nnsslPretrainTrainer.train_step
     _clip_gradients = nnsslPretrainTrainer._clip_gradients
     _count_nonfinite_loss = nnsslPretrainTrainer._count_nonfinite_loss
-    gradient_clip_norm = 12.0
-    max_nonfinite_losses_per_epoch = 3
+    recipe = replace(PRETRAIN_RECIPE, max_nonfinite_losses_per_epoch=3)
     grad_scaler = None
     current_epoch = 7
 

@@ -13,7 +13,8 @@ class nnsslTrainerMixin:
     """Schedule and seeding common to all nnssl trainers.
 
     Applied right before nnU-Net builds the network, optimizer and LR schedule in ``initialize()``: first the length
-    of a ``_Nepochs`` variant (``fixed_num_epochs``), then the ``nnssl_*`` smoke-run variables, which win over both;
+    of a ``_Nepochs`` variant of nnU-Net's recipe (``fixed_num_epochs``; trainers with a recipe dataclass carry their
+    length in it), then the ``nnssl_*`` smoke-run variables, which win over both;
     with ``nnssl_seed`` set, the process is seeded there too, and ``get_dataloaders`` builds seeded augmenters.
     ``nnssl_val_disable_tta=1`` validates without mirroring (8x faster on 3D; the checkpoint keeps its mirroring
     axes, so ``nnUNetv2_predict`` still mirrors).

@@ -50,7 +50,8 @@ class nnsslFinetuneTrainer(nnsslTrainerMixin, nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.initial_lr = self.recipe.peak_lr
+        self.initial_lr = self.recipe.peak_lr  # what nnU-Net's own code (logging, plots) reads
+        self.num_epochs = self.recipe.num_epochs
         self.enable_deep_supervision = self.recipe.deep_supervision
         self.schedule: Optional[FinetuneSchedule] = None
         self._iteration_in_epoch = 0
@@ -174,8 +175,7 @@ class nnsslFinetuneTrainer_frozen(nnsslFinetuneTrainer):
 class nnsslFinetuneTrainer_150ep(nnsslFinetuneTrainer):
     """The paper's shortened schedule (Table 8): 150 epochs, 50 + 50 of them warm-ups, 50 of decay."""
 
-    fixed_num_epochs = 150
-    recipe = replace(PAPER_RECIPE, decoder_warmup_fraction=1 / 3, full_warmup_fraction=1 / 3)
+    recipe = replace(PAPER_RECIPE, num_epochs=150, decoder_warmup_fraction=1 / 3, full_warmup_fraction=1 / 3)
 
 
 class nnsslFinetuneTrainer_amaes(nnsslFinetuneTrainer):

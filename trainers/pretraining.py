@@ -4,8 +4,9 @@ Subclasses only say how to build the pretraining model around the plans' network
 the loss of a batch (``compute_loss``) and which weights are transferable
 (``transferable_state_dict``). This base class provides what every method shares:
 
-* the S3D optimisation recipe (SGD 1e-2, Nesterov 0.99, wd 3e-5, poly decay, clipping at 12, 1000 x 250 iterations);
-* bf16 autocast on CUDA (``use_fp16 = True`` switches to fp16 with a GradScaler), fp32 on CPU;
+* the pretraining recipe (``nnssl/methods/recipe.py``: SGD 1e-2, Nesterov 0.99, wd 3e-5, poly decay, clipping at 12,
+  1000 x 250 iterations);
+* bf16 autocast on CUDA (a recipe with ``precision="fp16"`` uses fp16 with a GradScaler), fp32 on CPU;
 * validation = the pretraining loss on held-out patches; ``checkpoint_best.pth`` = lowest validation loss; no
   segmentation validation after training;
 * a bounded number of non-finite losses per epoch, then a clear error;
@@ -35,6 +36,7 @@ from nnssl.integration.checkpoint import (PretrainingCheckpoint, atomic_torch_sa
                                           checkpoint_from_dict, unwrap)
 from nnssl.integration.distributed import gather_from_all_ranks
 from nnssl.methods.reconstruction_figure import save_reconstruction_png
+from nnssl.methods.recipe import PRETRAIN_RECIPE, PretrainRecipe
 from nnssl.trainers.base import nnsslTrainerMixin
 
 
@@ -55,23 +57,21 @@ class NonFiniteLossError(RuntimeError):
 
 class nnsslPretrainTrainer(nnsslTrainerMixin, nnUNetTrainer):
     citations: Tuple[Citation, ...] = citations.PRETRAINING_BASE
-    gradient_clip_norm: Optional[float] = 12.0
-    use_fp16: bool = False
-    max_nonfinite_losses_per_epoch: int = 20
-    reconstruction_png_every: int = 50
+    recipe: PretrainRecipe = PRETRAIN_RECIPE
 
     def __init__(self, plans: dict, configuration: str, fold, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.initial_lr = 1e-2
-        self.weight_decay = 3e-5
-        self.num_epochs = 1000
-        self.num_iterations_per_epoch = 250
-        self.num_val_iterations_per_epoch = 50
+        self.initial_lr = self.recipe.peak_lr  # nnU-Net's optimizer and poly schedule read these attributes
+        self.weight_decay = self.recipe.weight_decay
+        self.num_epochs = self.recipe.num_epochs
+        self.num_iterations_per_epoch = self.recipe.iterations_per_epoch
+        self.num_val_iterations_per_epoch = self.recipe.val_iterations_per_epoch
+        self.save_every = self.recipe.save_every
         self.enable_deep_supervision = False
         self.oversample_foreground_percent = 0.0  # uniform random crops: there is no foreground to oversample
-        self.save_every = 1  # pretraining epochs are long: resume from the last finished one
-        self.grad_scaler = torch.amp.GradScaler("cuda") if self.use_fp16 and self.device.type == "cuda" else None
+        self.grad_scaler = torch.amp.GradScaler("cuda") if self.recipe.uses_fp16 and self.device.type == "cuda" \
+            else None
         self.best_val_loss: Optional[float] = None
         self._nonfinite_losses_this_epoch = 0
 
@@ -153,7 +153,7 @@ class nnsslPretrainTrainer(nnsslTrainerMixin, nnUNetTrainer):
     def autocast(self):
         if self.device.type != "cuda":
             return nullcontext()
-        return torch.autocast("cuda", dtype=torch.float16 if self.use_fp16 else torch.bfloat16)
+        return torch.autocast("cuda", dtype=torch.float16 if self.recipe.uses_fp16 else torch.bfloat16)
 
     def train_step(self, batch: dict) -> dict:
         self.optimizer.zero_grad(set_to_none=True)
@@ -177,14 +177,14 @@ class nnsslPretrainTrainer(nnsslTrainerMixin, nnUNetTrainer):
 
     def _clip_gradients(self) -> torch.Tensor:
         parameters = [p for p in self.network.parameters() if p.grad is not None]
-        max_norm = self.gradient_clip_norm if self.gradient_clip_norm is not None else float("inf")
+        max_norm = self.recipe.gradient_clip_norm if self.recipe.gradient_clip_norm is not None else float("inf")
         return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
 
     def _count_nonfinite_loss(self) -> None:
         self._nonfinite_losses_this_epoch += 1
-        if self._nonfinite_losses_this_epoch > self.max_nonfinite_losses_per_epoch:
+        if self._nonfinite_losses_this_epoch > self.recipe.max_nonfinite_losses_per_epoch:
             message = (f"{self.__class__.__name__}: {self._nonfinite_losses_this_epoch} non-finite (NaN/inf) losses "
-                       f"in epoch {self.current_epoch} (limit {self.max_nonfinite_losses_per_epoch}); training "
+                       f"in epoch {self.current_epoch} (limit {self.recipe.max_nonfinite_losses_per_epoch}); training "
                        f"stopped. Resume from the last good checkpoint with --c after checking the data for extreme "
                        f"values, or lower the learning rate (fp16 runs: use the default bf16 trainer instead).")
             self.print_to_log_file(message)
@@ -232,7 +232,7 @@ class nnsslPretrainTrainer(nnsslTrainerMixin, nnUNetTrainer):
             self.save_checkpoint(join(self.output_folder, "checkpoint_best.pth"))
         if self.local_rank == 0:
             self.logger.plot_progress_png(self.output_folder)
-        if self.current_epoch % self.reconstruction_png_every == 0 or last_epoch:
+        if self.current_epoch % self.recipe.reconstruction_png_every == 0 or last_epoch:
             self._save_reconstruction_png()
         self.current_epoch += 1
 

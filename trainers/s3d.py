@@ -7,6 +7,7 @@ the MSE over masked voxels; anonymised voxels (ingested with an anonymisation ma
 ``_anatomy`` variant restricts the loss to the anatomy mask as well.
 """
 
+from dataclasses import replace
 from typing import Dict, Optional
 
 import numpy as np
@@ -18,6 +19,7 @@ from nnssl.integration.distributed import gather_from_all_ranks
 from nnssl.methods.mae_models import DenseMAEModel, S3DModel
 from nnssl.methods.masking import BlockMaskSampler, MaskingConfig, upsample_mask
 from nnssl.methods.reconstruction_loss import masked_reconstruction_loss
+from nnssl.methods.recipe import PRETRAIN_RECIPE
 from nnssl.trainers.pretraining import nnsslPretrainTrainer
 from nnssl.trainers.variants import define_epoch_variants
 
@@ -113,7 +115,7 @@ class S3DPretrainTrainer_block32(S3DPretrainTrainer):
 class S3DPretrainTrainer_fp16(S3DPretrainTrainer):
     """fp16 autocast with a GradScaler on CUDA (as the reference) instead of bf16."""
 
-    use_fp16 = True
+    recipe = replace(PRETRAIN_RECIPE, precision="fp16")
 
 
 class S3DPretrainTrainer_anatomy(S3DPretrainTrainer):

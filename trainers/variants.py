@@ -1,5 +1,6 @@
 """Generate nnU-Net-style ``Trainer_5epochs`` variants without writing one class per length by hand."""
 
+from dataclasses import replace
 from typing import Dict, Iterable
 
 DEFAULT_EPOCH_VARIANTS = (1, 5, 10, 20, 50, 100, 250, 500)
@@ -13,8 +14,9 @@ def define_epoch_variants(base: type, namespace: Dict[str, object],
                           epochs: Iterable[int] = DEFAULT_EPOCH_VARIANTS) -> None:
     """Create ``{base}_{N}epochs`` subclasses in ``namespace`` (a module's globals, so they pickle and are found).
 
-    The length is a class attribute read by ``nnsslTrainerMixin.initialize``, so it wins over whatever the base
-    trainer's ``__init__`` sets, and the ``nnssl_num_epochs`` variable still wins over it.
+    A trainer with a recipe (pretraining, fine-tuning) gets ``replace(recipe, num_epochs=N)``; nnU-Net's own recipe
+    (``nnsslTrainer``) gets ``fixed_num_epochs``, read by ``nnsslTrainerMixin.initialize``. The ``nnssl_num_epochs``
+    variable still wins over both.
     """
     for n in epochs:
         name = epoch_variant_name(base.__name__, n)
@@ -22,5 +24,12 @@ def define_epoch_variants(base: type, namespace: Dict[str, object],
             "__module__": namespace["__name__"],
             "__qualname__": name,
             "__doc__": f"{base.__name__} for {n} epoch{'' if n == 1 else 's'}.",
-            "fixed_num_epochs": n,
+            **length_attributes(base, n),
         })
+
+
+def length_attributes(base: type, epochs: int) -> Dict[str, object]:
+    recipe = getattr(base, "recipe", None)
+    if recipe is not None:
+        return {"recipe": replace(recipe, num_epochs=epochs)}
+    return {"fixed_num_epochs": epochs}

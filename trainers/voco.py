@@ -15,6 +15,7 @@ non-positive similarity to it; clipping bounds such steps without affecting ordi
 reference behaviour.
 """
 
+from dataclasses import replace
 from typing import Dict, Sequence
 
 import torch
@@ -27,6 +28,7 @@ from nnssl.integration.checkpoint import encoder_only_state_dict
 from nnssl.finetuning.adaptation_plan import build_adaptation_plan
 from nnssl.trainers.pretraining import nnsslPretrainTrainer
 from nnssl.trainers.variants import define_epoch_variants
+from nnssl.methods.recipe import PRETRAIN_RECIPE
 from nnssl.methods.voco import VoCoGeometry, VoCoModel, voco_prediction_loss, voco_regularisation_loss, voco_transforms
 
 # Plans whose patch is smaller than this on some axis are CPU/test presets: they get the tiny VoCo geometry.
@@ -104,7 +106,7 @@ class VoCoPretrainTrainer(nnsslPretrainTrainer):
 class VoCoPretrainTrainer_noclip(VoCoPretrainTrainer):
     """No gradient clipping, as the reference VoCo trainer."""
 
-    gradient_clip_norm = None
+    recipe = replace(PRETRAIN_RECIPE, gradient_clip_norm=None)
 
 
 class VoCoPretrainTrainer_3x3x1(VoCoPretrainTrainer):

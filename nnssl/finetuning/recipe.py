@@ -21,6 +21,7 @@ class FinetuneRecipe:
     """
 
     peak_lr: float = 1e-2
+    num_epochs: int = 1000  # nnU-Net's default length (x 250 iterations)
     deep_supervision: bool = True
     decoder_warmup_fraction: float = 0.05  # stage 1: fresh decoder alone, encoder frozen
     full_warmup_fraction: float = 0.05  # stage 2: whole network
@@ -40,6 +41,8 @@ class FinetuneRecipe:
             raise ValueError(f"transfer_parts may name {TRANSFERABLE_PARTS}, not {sorted(unknown)}")
         if not self.peak_lr > 0:
             raise ValueError(f"peak_lr must be positive, not {self.peak_lr}")
+        if self.num_epochs < 1:
+            raise ValueError(f"num_epochs must be at least 1, not {self.num_epochs}")
         for name in ("decoder_warmup_fraction", "full_warmup_fraction"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must lie in [0, 1), not {getattr(self, name)}")
