@@ -59,6 +59,17 @@ def prepared_two_channel_dataset(nnunet_dirs, tmp_path):
     return folder, checkpoint, trained
 
 
+def in_process_trainer(monkeypatch, trainer: str, fold: int = 0, **kwargs):
+    """The trainer of dataset 41 built as ``nnUNetv2_train`` builds it, with the smoke-run schedule, on the CPU."""
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
+    for variable, value in SMOKE_3.items():
+        monkeypatch.setenv(variable, value)
+    return get_trainer_from_args("41", "3d_fullres", fold, trainer, "nnsslFinetunePlans", device=torch.device("cpu"),
+                                 **kwargs)
+
+
 def test_prepare_and_warmup_stages_from_an_nnssl_layout_checkpoint(nnunet_dirs, tmp_path, monkeypatch):
     folder, checkpoint, trained = prepared_two_channel_dataset(nnunet_dirs, tmp_path)
     plans = json.loads((nnunet_dirs["nnUNet_preprocessed"] / folder.name / "nnsslFinetunePlans.json").read_text())
@@ -75,13 +86,7 @@ def test_prepare_and_warmup_stages_from_an_nnssl_layout_checkpoint(nnunet_dirs, 
 
     # in-process: per-iteration LR (6 iterations: 1 decoder warm-up, 1 whole-network warm-up, 4 of poly decay),
     # encoder (with replicated stem) bit-identical through the decoder warm-up, then learning
-    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
-    for variable, value in SMOKE_3.items():
-        monkeypatch.setenv(variable, value)
-    from nnunetv2.run.run_training import get_trainer_from_args
-
-    trainer = get_trainer_from_args("41", "3d_fullres", 0, "nnsslFinetuneTrainer", "nnsslFinetunePlans",
-                                    device=torch.device("cpu"))
+    trainer = in_process_trainer(monkeypatch, "nnsslFinetuneTrainer")
     trainer.on_train_start()
     network = trainer.network
     stem = network.encoder.stem.convs[0].conv.weight
@@ -114,8 +119,7 @@ def test_prepare_and_warmup_stages_from_an_nnssl_layout_checkpoint(nnunet_dirs, 
     assert "Encoder unfrozen at iteration 1" in log
 
     # --c after a kill at the end of epoch 0: the resumed run continues at global iteration 2 for both groups
-    resumed = get_trainer_from_args("41", "3d_fullres", 0, "nnsslFinetuneTrainer", "nnsslFinetunePlans",
-                                    continue_training=True, device=torch.device("cpu"))
+    resumed = in_process_trainer(monkeypatch, "nnsslFinetuneTrainer", continue_training=True)
     resumed.load_checkpoint(str(tmp_path / "after_epoch_0.pth"))
     assert resumed.current_epoch == 1
     resumed.on_train_epoch_start()
@@ -222,23 +226,17 @@ def test_amaes_and_encoder_decoder_recipes_train_through_the_stock_command(nnune
 
     from batchgeneratorsv2.transforms.intensity.gaussian_noise import GaussianNoiseTransform
     from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
-    from nnunetv2.run.run_training import get_trainer_from_args
 
-    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
-    for variable, value in SMOKE_3.items():
-        monkeypatch.setenv(variable, value)
-    amaes = get_trainer_from_args("41", "3d_fullres", 0, "nnsslFinetuneTrainer_amaes", "nnsslFinetunePlans",
-                                  device=torch.device("cpu"))
+    amaes = in_process_trainer(monkeypatch, "nnsslFinetuneTrainer_amaes")
     amaes.initialize()
     assert isinstance(amaes.optimizer, torch.optim.AdamW) and amaes.optimizer.defaults["amsgrad"]
-    rotation, dummy_2d, initial_patch, mirror = amaes.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+    rotation, dummy_2d, _, mirror = amaes.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
     pipeline = amaes.get_training_transforms(amaes.configuration_manager.patch_size, rotation, None, mirror, dummy_2d)
     kinds = {type(t) for t in pipeline.transforms} | {type(t) for c in pipeline.transforms
                                                       for t in getattr(c, "transforms", [])}
     assert SpatialTransform in kinds and GaussianNoiseTransform not in kinds
 
-    encdec = get_trainer_from_args("41", "3d_fullres", 1, "nnsslFinetuneTrainer_encdec", "nnsslFinetunePlans",
-                                   device=torch.device("cpu"))
+    encdec = in_process_trainer(monkeypatch, "nnsslFinetuneTrainer_encdec", fold=1)
     encdec.on_train_start()
     decoder = encdec.network.decoder.stages.state_dict()
     assert all(torch.equal(value, trained[f"decoder.stages.{key}"]) for key, value in decoder.items()
