@@ -15,6 +15,7 @@ the loss of a batch (``compute_loss``) and which weights are transferable
 """
 
 from contextlib import nullcontext
+from functools import partial
 from os.path import join
 from time import time
 from typing import Dict, List, Optional, Tuple
@@ -22,6 +23,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 from torch import nn
+import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as nnunet_trainer_module
 from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.collate_outputs import collate_outputs
@@ -30,6 +32,10 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnssl import citations
 from nnssl.finetuning.adaptation_plan import build_adaptation_plan
 from nnssl.augmentation import PRETRAINING_ROTATION, PRETRAINING_SCALING, spatial_transforms
+from nnssl.device_augmentation import DeviceSpatialAugmentation, SpatialAugmentationConfig
+from nnssl.integration.patching import replaced_attribute
+from nnssl.integration.seeding import seed_from_environment, stream_seed
+from nnssl.pretraining_loader import PretrainingDataLoader
 from nnssl.integration.checkpoint import atomic_torch_save, unwrap
 from nnssl.integration.distributed import gather_from_all_ranks
 from nnssl.methods.reconstruction_figure import save_reconstruction_png
@@ -47,6 +53,9 @@ def freeze_unused_deep_supervision_heads(network: nn.Module) -> None:
         head.requires_grad_(False)
 
 
+DEVICE_AUGMENTATION_STREAM = 1  # stream key (seed, rank, this) of the device augmentation under nnssl_seed
+
+
 class NonFiniteLossError(RuntimeError):
     """Raised when an epoch produced more non-finite losses than the trainer tolerates."""
 
@@ -57,6 +66,9 @@ class nnsslPretrainTrainer(nnsslTrainerMixin, nnUNetTrainer):
     use_fp16: bool = False
     max_nonfinite_losses_per_epoch: int = 20
     reconstruction_png_every: int = 50
+    # rotation/scaling/mirroring of training batches in the train step on self.device (nnssl.device_augmentation);
+    # False: in the augmentation workers (batchgeneratorsv2), as trainers with their own CPU pipelines do
+    spatial_augmentation_on_device: bool = True
 
     def __init__(self, plans: dict, configuration: str, fold, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -130,11 +142,41 @@ class nnsslPretrainTrainer(nnsslTrainerMixin, nnUNetTrainer):
         self.inference_allowed_mirroring_axes = mirror_axes
         return PRETRAINING_ROTATION, False, initial_patch_size, mirror_axes
 
-    @staticmethod
-    def get_training_transforms(patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes,
+    @classmethod
+    def get_training_transforms(cls, patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes,
                                 do_dummy_2d_data_aug, use_mask_for_norm=None, is_cascaded=False,
                                 foreground_labels=None, regions=None, ignore_label=None):
+        """None with device augmentation: the workers only read and crop the pre-rotation patch."""
+        if cls.spatial_augmentation_on_device:
+            return None
         return spatial_transforms(patch_size, rotation_for_DA, mirror_axes)
+
+    @property
+    def needs_region_map(self) -> bool:
+        """Whether the loss reads the batch's region map (nnU-Net's "target"); if not, the loader skips it."""
+        return False
+
+    def get_dataloaders(self):
+        rotation, _, _, mirror_axes = self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        if self.spatial_augmentation_on_device:
+            seed = seed_from_environment()
+            self.device_augmentation = DeviceSpatialAugmentation(
+                self.configuration_manager.patch_size,
+                SpatialAugmentationConfig(rotation=tuple(rotation), mirror_axes=tuple(mirror_axes or ())),
+                seed=None if seed is None else stream_seed(seed, self.nnssl_rank, DEVICE_AUGMENTATION_STREAM))
+        loader = partial(PretrainingDataLoader, read_region_map=self.needs_region_map)
+        with replaced_attribute(nnunet_trainer_module, "nnUNetDataLoader", loader):
+            return super().get_dataloaders()
+
+    def device_training_batch(self, batch: dict) -> dict:
+        """The training batch on ``self.device``, spatially augmented there when ``spatial_augmentation_on_device``."""
+        if not self.spatial_augmentation_on_device:
+            return batch
+        data = batch["data"].to(self.device, non_blocking=True)
+        region = batch["target"]
+        region = None if region is None else region.to(self.device, non_blocking=True)
+        data, region = self.device_augmentation(data, region)
+        return {**batch, "data": data, "target": region}
 
     def set_deep_supervision_enabled(self, enabled: bool):
         """Pretraining never uses deep supervision (the network is built without it)."""
@@ -153,6 +195,7 @@ class nnsslPretrainTrainer(nnsslTrainerMixin, nnUNetTrainer):
         return torch.autocast("cuda", dtype=torch.float16 if self.use_fp16 else torch.bfloat16)
 
     def train_step(self, batch: dict) -> dict:
+        batch = self.device_training_batch(batch)
         self.optimizer.zero_grad(set_to_none=True)
         with self.autocast():
             loss = self.compute_loss(batch, train=True)
