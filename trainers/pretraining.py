@@ -156,16 +156,24 @@ class nnsslPretrainTrainer(nnsslTrainerMixin, nnUNetTrainer):
         """Whether the loss reads the batch's region map (nnU-Net's "target"); if not, the loader skips it."""
         return False
 
-    def get_dataloaders(self):
+    def build_device_augmentation(self) -> DeviceSpatialAugmentation:
+        """The spatial augmentation of ``configure_rotation_dummyDA_mirroring_and_inital_patch_size``, on the device;
+        under ``nnssl_seed`` its generator gets a stream of its own per rank."""
         rotation, _, _, mirror_axes = self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        seed = seed_from_environment()
+        return DeviceSpatialAugmentation(
+            self.configuration_manager.patch_size,
+            SpatialAugmentationConfig(rotation=tuple(rotation), mirror_axes=tuple(mirror_axes or ())),
+            seed=None if seed is None else stream_seed(seed, self.nnssl_rank, DEVICE_AUGMENTATION_STREAM))
+
+    def data_loader_class(self):
+        """What ``get_dataloaders`` builds in place of ``nnUNetDataLoader`` (same arguments)."""
+        return partial(PretrainingDataLoader, read_region_map=self.needs_region_map)
+
+    def get_dataloaders(self):
         if self.spatial_augmentation_on_device:
-            seed = seed_from_environment()
-            self.device_augmentation = DeviceSpatialAugmentation(
-                self.configuration_manager.patch_size,
-                SpatialAugmentationConfig(rotation=tuple(rotation), mirror_axes=tuple(mirror_axes or ())),
-                seed=None if seed is None else stream_seed(seed, self.nnssl_rank, DEVICE_AUGMENTATION_STREAM))
-        loader = partial(PretrainingDataLoader, read_region_map=self.needs_region_map)
-        with replaced_attribute(nnunet_trainer_module, "nnUNetDataLoader", loader):
+            self.device_augmentation = self.build_device_augmentation()
+        with replaced_attribute(nnunet_trainer_module, "nnUNetDataLoader", self.data_loader_class()):
             return super().get_dataloaders()
 
     def device_training_batch(self, batch: dict) -> dict:
