@@ -256,15 +256,19 @@ def report(measurements: dict[str, Measurement], patches: int, rounds: int, step
     for name, m in measurements.items():
         throughput = 1.0 / summarize(m.worker).median
         vs_baseline = per_round_ratios(measurements[BASELINE].worker, m.worker)  # time ratio inverted = throughput
+        # all patches of the run pooled (every round has the same count): the mean rate a worker sustains
+        pooled = sum(measurements[BASELINE].worker) / sum(m.worker)
         if name != BASELINE:
             ratios[f"{name}_throughput_vs_{BASELINE}"] = vs_baseline
+            ratios[f"{name}_mean_throughput_vs_{BASELINE}"] = [pooled]
         workers[name] = math.ceil(needed / throughput)
         device = summarize(m.device).format(1e3) if m.device else "-"
         rows.append([name, "x".join(map(str, m.read_size)), summarize(m.worker).format(1e3), f"{throughput:.2f}",
-                     summarize(vs_baseline).format(), device, str(workers[name])])
+                     summarize(vs_baseline).format(), f"{pooled:.2f}", device, str(workers[name])])
     print_table(f"Data pipeline per worker (1 thread), {rounds} interleaved rounds of {patches} patches each, "
                 f"median [min..max] of the per-round means",
-                ["pipeline", "read patch", "worker ms/patch", "patches/s", f"throughput x {BASELINE}",
+                ["pipeline", "read patch", "worker ms/patch", "patches/s", f"throughput x {BASELINE} per round",
+                 "x over all patches",
                  "train-step augmentation ms/patch (this CPU)", f"workers for {steps_per_second:g} steps/s"], rows)
     print(f"\nWorkers a GPU needs at {steps_per_second:g} steps/s x batch {gpu_batch} = {needed:g} patches/s "
           f"(nnUNet_n_proc_DA, one core each), at this machine's per-worker rate:")
