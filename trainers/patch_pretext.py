@@ -15,8 +15,6 @@ class PatchPretextTrainer(nnsslPretrainTrainer):
     size directly instead of the larger rotation margin. The pretraining model is the dna network itself.
     """
 
-    spatial_augmentation_on_device = False  # the methods' own CPU transforms (no spatial transform)
-
     def wrap_network(self, network: nn.Module) -> nn.Module:
         return network
 

@@ -66,9 +66,10 @@ class nnsslPretrainTrainer(nnsslTrainerMixin, nnUNetTrainer):
     use_fp16: bool = False
     max_nonfinite_losses_per_epoch: int = 20
     reconstruction_png_every: int = 50
-    # rotation/scaling/mirroring of training batches in the train step on self.device (nnssl.device_augmentation);
-    # False: in the augmentation workers (batchgeneratorsv2), as trainers with their own CPU pipelines do
-    spatial_augmentation_on_device: bool = True
+    # True: the workers only crop; the method's compute_loss passes training batches through device_training_batch,
+    # which rotates/scales/mirrors them on self.device (nnssl.device_augmentation). False: batchgeneratorsv2 in the
+    # augmentation workers
+    spatial_augmentation_on_device: bool = False
 
     def __init__(self, plans: dict, configuration: str, fold, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -203,7 +204,6 @@ class nnsslPretrainTrainer(nnsslTrainerMixin, nnUNetTrainer):
         return torch.autocast("cuda", dtype=torch.float16 if self.use_fp16 else torch.bfloat16)
 
     def train_step(self, batch: dict) -> dict:
-        batch = self.device_training_batch(batch)
         self.optimizer.zero_grad(set_to_none=True)
         with self.autocast():
             loss = self.compute_loss(batch, train=True)

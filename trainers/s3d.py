@@ -30,6 +30,7 @@ class S3DPretrainTrainer(nnsslPretrainTrainer):
     masking = MaskingConfig()
     mask_seed = 12345
     restrict_loss_to_anatomy = False
+    spatial_augmentation_on_device = True
 
     def __init__(self, plans: dict, configuration: str, fold, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -76,6 +77,8 @@ class S3DPretrainTrainer(nnsslPretrainTrainer):
         return data, mask, self.network(data, mask)
 
     def compute_loss(self, batch: dict, train: bool) -> torch.Tensor:
+        if train:
+            batch = self.device_training_batch(batch)
         data, mask, prediction = self._predict(batch)
         return masked_reconstruction_loss(prediction, data, mask, self.batch_loss_region(batch))
 

@@ -40,7 +40,6 @@ class VoCoPretrainTrainer(nnsslPretrainTrainer):
     tiny_geometry = VoCoGeometry(patch_size=(64, 64, 32), base_crop_count=(2, 2, 1), target_crop_count=4)
     prediction_loss_weight = 1.0
     regularisation_loss_weight = 1.0
-    spatial_augmentation_on_device = False  # crops and per-crop augmentation run in the CPU workers
 
     def __init__(self, plans: dict, configuration: str, fold, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
