@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -206,40 +206,56 @@ def measure_end_to_end(size: dict, workers: int, device: torch.device, root: Pat
 
 # ------------------------------------------------------------------------------------------------ report
 def report(results: dict) -> dict[str, list[float]]:
-    steps = results["step"]
+    steps = {mode: r for mode, r in results["step"].items() if "ms_per_step" in r}
     rows = [[mode, summarize(r["ms_per_step"]).format(), f"{r['steps_per_second']:.3g}", f"{r['warmup_seconds']:.1f}",
              f"{r['peak_memory_mib']:.0f}", f"{r['tflops']:.3g}",
              f"{100 * r['fraction_of_bf16_peak']:.1f}" if r["fraction_of_bf16_peak"] else "-"]
-            for mode, r in steps.items() if "ms_per_step" in r]
+            for mode, r in steps.items()]
+    rows += [[mode, r.get("skipped") or r.get("error"), "", "", "", "", ""] for mode, r in results["step"].items()
+             if mode not in steps]
     print_table(f"S3D train step, {results['preset']} batch {results['batch']}, {results['device_name']}",
                 ["mode", "ms/step", "steps/s", "warm-up s", "peak MiB", "TFLOP/s", "% of bf16 peak"], rows)
     augmentation = results["device_augmentation"]
     print(f"device augmentation of a {'x'.join(map(str, augmentation['read_size']))} batch: "
           f"{summarize(augmentation['augmentation_ms_per_batch']).format()} ms; host-to-device copy of its "
           f"{augmentation['batch_mib']:.0f} MiB: {summarize(augmentation['host_to_device_ms_per_batch']).format()} ms")
-    best_mode = max((m for m in steps if "ms_per_step" in steps[m]), key=lambda m: steps[m]["steps_per_second"])
-    best = steps[best_mode]["steps_per_second"]
-    pipeline = results["pipeline"]
-    demand = best * results["batch"]
-    print(f"data pipeline, {pipeline['workers']} workers: S3D {pipeline['s3d_pretraining']['patches_per_second']:.1f} "
-          f"patches/s, nnU-Net default {pipeline[BASELINE]['patches_per_second']:.1f}; the fastest step "
-          f"({best_mode}) consumes {demand:.1f}")
-    e2e = results["end_to_end"]
-    idle = e2e["gpu_idle_fraction"]
-    print(f"nnUNetv2_train -tr S3DPretrainTrainer, epoch 1 of {e2e['iterations_per_epoch']} iterations: "
-          f"{e2e['steps_per_second']:.3g} steps/s, GPU idle {'-' if idle is None else f'{100 * idle:.0f} %'}")
     eager = steps["eager"]["steps_per_second"]
-    ratios = {f"s3d_step_{mode}_vs_eager": [steps[mode]["steps_per_second"] / eager]
-              for mode in steps if mode != "eager" and "ms_per_step" in steps[mode]}
+    best_mode = max(steps, key=lambda m: steps[m]["steps_per_second"])
+    best = steps[best_mode]["steps_per_second"]
+    ratios = {f"s3d_step_{mode}_vs_eager": [steps[mode]["steps_per_second"] / eager] for mode in steps
+              if mode != "eager"}
     if steps[best_mode]["fraction_of_bf16_peak"]:
         ratios["s3d_step_fraction_of_bf16_peak"] = [steps[best_mode]["fraction_of_bf16_peak"]]
-    ratios["s3d_pipeline_patches_vs_step_demand"] = [pipeline["s3d_pretraining"]["patches_per_second"] / demand]
-    ratios["s3d_pipeline_vs_nnunet_default_pipeline"] = [pipeline["s3d_pretraining"]["patches_per_second"]
-                                                         / pipeline[BASELINE]["patches_per_second"]]
-    ratios["end_to_end_steps_vs_best_step"] = [e2e["steps_per_second"] / best]
-    if idle is not None:
-        ratios["end_to_end_gpu_idle_fraction"] = [idle]
+    ratios["s3d_augmentation_vs_eager_step"] = [summarize(augmentation["augmentation_ms_per_batch"]).median
+                                                / 1e3 * eager]
+    pipeline, e2e = results["pipeline"], results["end_to_end"]
+    if "error" not in pipeline:
+        demand = best * results["batch"]
+        s3d_rate = pipeline["s3d_pretraining"]["patches_per_second"]
+        print(f"data pipeline, {pipeline['workers']} workers: S3D {s3d_rate:.1f} patches/s, nnU-Net default "
+              f"{pipeline[BASELINE]['patches_per_second']:.1f}; the fastest step ({best_mode}) consumes {demand:.1f}")
+        ratios["s3d_pipeline_patches_vs_step_demand"] = [s3d_rate / demand]
+        ratios["s3d_pipeline_vs_nnunet_default_pipeline"] = [s3d_rate / pipeline[BASELINE]["patches_per_second"]]
+    if "error" not in e2e:
+        idle = e2e["gpu_idle_fraction"]
+        print(f"nnUNetv2_train -tr S3DPretrainTrainer, epoch 1 of {e2e['iterations_per_epoch']} iterations: "
+              f"{e2e['steps_per_second']:.3g} steps/s, GPU idle {'-' if idle is None else f'{100 * idle:.0f} %'}")
+        ratios["end_to_end_steps_vs_eager_step"] = [e2e["steps_per_second"] / eager]
+        if idle is not None:
+            ratios["end_to_end_gpu_idle_fraction"] = [idle]
     return ratios
+
+
+def _recorded(section: Callable[[], dict], out: str, results: dict) -> dict:
+    """A section's figures, or its error (a one-shot check on a lent GPU keeps what the other sections measured);
+    the JSON so far is written either way."""
+    try:
+        figures = section()
+    except Exception as error:  # noqa: BLE001 - recorded in the JSON and printed, the other sections still run
+        print(f"section failed: {error!r}", file=sys.stderr)
+        figures = {"error": repr(error)[-3000:]}
+    Path(out).write_text(json.dumps(results, indent=2))
+    return figures
 
 
 def main(argv: Optional[list] = None) -> None:
@@ -250,33 +266,45 @@ def main(argv: Optional[list] = None) -> None:
                                                                    "run 1)")
     parser.add_argument("--all-modes", action="store_true", help="also compile + channels-last")
     parser.add_argument("--workdir", default=None, help="where the generated data go (default: a temporary folder)")
+    parser.add_argument("--budget-seconds", type=float, default=300,
+                        help="start no optional step mode (channels-last, compile) after this many seconds")
     args = parser.parse_args(argv)
     device = torch.device("cpu" if args.dry_run else "cuda")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as nnU-Net's run_training
     size = _size(args.dry_run)
     workers = args.workers or (1 if args.dry_run else os.cpu_count())
-    modes = [m for m in MODES if args.all_modes or m != "compile_channels_last"]
+    modes = [m for m in MODES if args.all_modes or m != "compile_channels_last"]  # eager first
     results = {"device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "preset": size["preset"].name, "batch": size["batch"], "dry_run": args.dry_run, "step": {}}
     started = time.perf_counter()
-    for mode in modes:
-        if args.dry_run and MODES[mode][0]:
-            results["step"][mode] = {"skipped": "dry run (compiling takes minutes on a CPU)"}
-            continue
-        results["step"][mode] = measure_step(mode, size, device)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    results["step"]["eager"] = measure_step("eager", size, device)
     results["device_augmentation"] = measure_device_augmentation(size, device)
     with tempfile.TemporaryDirectory(prefix="nnssl_gpu_check_", dir=args.workdir) as root:
-        results["pipeline"] = measure_pipeline(size, workers, device.type == "cuda", os.path.join(root, "pipeline"))
-        results["end_to_end"] = measure_end_to_end(size, workers, device, Path(root) / "end_to_end")
+        results["pipeline"] = _recorded(lambda: measure_pipeline(size, workers, device.type == "cuda",
+                                                                 os.path.join(root, "pipeline")), args.out, results)
+        results["end_to_end"] = _recorded(lambda: measure_end_to_end(size, workers, device,
+                                                                     Path(root) / "end_to_end"), args.out, results)
+    for mode in modes[1:]:  # the optional modes last, while the time budget lasts (compiling takes minutes)
+        elapsed = time.perf_counter() - started
+        if args.dry_run and MODES[mode][0]:
+            results["step"][mode] = {"skipped": "dry run (compiling takes minutes on a CPU)"}
+        elif elapsed > args.budget_seconds:
+            results["step"][mode] = {"skipped": f"time budget ({elapsed:.0f} s of {args.budget_seconds} s used)"}
+        else:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            results["step"][mode] = _recorded(lambda: measure_step(mode, size, device), args.out, results)
     results["seconds"] = time.perf_counter() - started
     ratios = report(results)
     results["ratios"] = {name: values[0] for name, values in ratios.items()}
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(f"\n{args.out} written ({results['seconds']:.0f} s)")
     print_ratio_lines(ratios)
+    failed = [name for name, figures in [*results["step"].items(), ("pipeline", results["pipeline"]),
+                                         ("end_to_end", results["end_to_end"])] if "error" in figures]
+    if failed:
+        sys.exit(f"failed sections (errors in {args.out}): {', '.join(failed)}")
 
 
 if __name__ == "__main__":
