@@ -168,5 +168,8 @@ class DeviceSpatialAugmentation:
 
     def __call__(self, images: torch.Tensor, regions: Optional[torch.Tensor] = None
                  ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Augmented (B, C, *patch) images (and regions); in float32 even inside the train step's bf16 autocast,
+        where ``affine_grid``'s matrix product would otherwise round sampling coordinates to bf16 (~0.5 voxel)."""
         parameters = sample_spatial_parameters(images.shape[0], self.config, self.generator)
-        return apply_spatial_augmentation(images, parameters, self.patch_size, regions)
+        with torch.autocast(images.device.type, enabled=False):
+            return apply_spatial_augmentation(images, parameters, self.patch_size, regions)

@@ -156,3 +156,13 @@ def test_pretraining_loader_reads_what_nnunets_loader_reads(tmp_path):
     assert torch.equal(batches["without"]["data"], batches["stock"]["data"])
     assert torch.equal(batches["with_regions"]["target"], batches["stock"]["target"])
     assert batches["without"]["target"] is None
+
+
+def test_augmentation_ignores_an_enclosing_bf16_autocast():
+    """The train step runs compute_loss under bf16 autocast (CUDA); sampling coordinates must stay float32."""
+    images = torch.randn(4, 1, *READ)
+    config = SpatialAugmentationConfig(p_rotation=1, p_scaling=1)
+    plain = DeviceSpatialAugmentation(PATCH, config, seed=2)(images)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = DeviceSpatialAugmentation(PATCH, config, seed=2)(images)[0]
+    assert autocast.dtype == torch.float32 and torch.equal(autocast, plain)
