@@ -22,7 +22,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from nnssl.augmentation import PRETRAINING_ROTATION, PRETRAINING_SCALING
+from nnssl.augmentation import (PRETRAINING_P_ROTATION, PRETRAINING_P_SCALING, PRETRAINING_ROTATION,
+                                PRETRAINING_SCALING)
 
 OUTSIDE_LABEL = -1  # what the loader pads region maps with; becomes 0 after the transform, as RemoveLabelTansform
 
@@ -31,9 +32,9 @@ OUTSIDE_LABEL = -1  # what the loader pads region maps with; becomes 0 after the
 class SpatialAugmentationConfig:
     """Probabilities and ranges of nnssl's pretraining ``SpatialTransform`` + ``MirrorTransform``."""
 
-    p_rotation: float = 0.2
+    p_rotation: float = PRETRAINING_P_ROTATION
     rotation: Tuple[float, float] = PRETRAINING_ROTATION  # radians, drawn per axis
-    p_scaling: float = 0.2
+    p_scaling: float = PRETRAINING_P_SCALING
     scaling: Tuple[float, float] = PRETRAINING_SCALING  # one factor for all axes (>1: a larger region, smaller objects)
     mirror_axes: Tuple[int, ...] = (0, 1, 2)
     p_mirror: float = 0.5
