@@ -32,14 +32,14 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnssl import citations
 from nnssl.finetuning.adaptation_plan import build_adaptation_plan
 from nnssl.augmentation import PRETRAINING_ROTATION, PRETRAINING_SCALING, spatial_transforms
-from nnssl.device_augmentation import DeviceSpatialAugmentation, SpatialAugmentationConfig
-from nnssl.integration.patching import replaced_attribute
-from nnssl.integration.seeding import seed_from_environment, stream_seed
-from nnssl.pretraining_loader import PretrainingDataLoader
 from nnssl.integration.checkpoint import atomic_torch_save, unwrap
 from nnssl.integration.distributed import gather_from_all_ranks
 from nnssl.methods.reconstruction_figure import save_reconstruction_png
 from nnssl.trainers.base import nnsslTrainerMixin
+from nnssl.device_augmentation import DeviceSpatialAugmentation, SpatialAugmentationConfig
+from nnssl.integration.patching import replaced_attribute
+from nnssl.integration.seeding import seed_from_environment, stream_seed
+from nnssl.pretraining_loader import PretrainingDataLoader
 
 
 def freeze_unused_deep_supervision_heads(network: nn.Module) -> None:
@@ -66,10 +66,6 @@ class nnsslPretrainTrainer(nnsslTrainerMixin, nnUNetTrainer):
     use_fp16: bool = False
     max_nonfinite_losses_per_epoch: int = 20
     reconstruction_png_every: int = 50
-    # True: the workers only crop; the method's compute_loss passes training batches through device_training_batch,
-    # which rotates/scales/mirrors them on self.device (nnssl.device_augmentation). False: batchgeneratorsv2 in the
-    # augmentation workers
-    spatial_augmentation_on_device: bool = False
 
     def __init__(self, plans: dict, configuration: str, fold, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -142,6 +138,11 @@ class nnsslPretrainTrainer(nnsslTrainerMixin, nnUNetTrainer):
                                             PRETRAINING_ROTATION, PRETRAINING_SCALING)
         self.inference_allowed_mirroring_axes = mirror_axes
         return PRETRAINING_ROTATION, False, initial_patch_size, mirror_axes
+
+    # True: the workers only crop; the method's compute_loss passes training batches through device_training_batch,
+    # which rotates/scales/mirrors them on self.device (nnssl.device_augmentation). False: batchgeneratorsv2 in the
+    # augmentation workers
+    spatial_augmentation_on_device: bool = False
 
     @classmethod
     def get_training_transforms(cls, patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes,
