@@ -35,6 +35,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2, comp_blosc2_params
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -248,6 +249,36 @@ def _seeded_rounds(loader: nnUNetDataLoader, device_step: Callable[[dict], objec
     return run
 
 
+def multiprocess_throughput(names: list[str], folders: dict[str, str], patch_size: tuple[int, ...], batch: int,
+                            workers: int, batches: int, rounds: int, pin_memory: bool) -> dict[str, list[float]]:
+    """Patches/s per round of each pipeline through nnU-Net's ``NonDetMultiThreadedAugmenter`` with ``workers``
+    processes, as the train loop receives them: the copy of every batch through the workers' queues (shared memory)
+    is included, which the in-process timing of ``measure`` leaves out. Pipelines take turns, one at a time, each
+    round starting its augmenter afresh (start-up and the batches buffered meanwhile not timed)."""
+    loaders = {}
+    for name in names:
+        spec = PIPELINES[name]
+        loaders[name] = build_loader(loader_trainer(spec, patch_size), spec, folders[spec.dataset], batch)
+
+    num_cached = max(6, workers // 2)  # as nnU-Net's get_dataloaders
+    timed_batches = max(batches, 2 * num_cached)
+
+    def one_round(loader: nnUNetDataLoader) -> float:
+        augmenter = NonDetMultiThreadedAugmenter(loader, None, workers, num_cached=num_cached, seeds=None,
+                                                 pin_memory=pin_memory, wait_time=0.002)
+        try:
+            # drain what start-up buffered (two queues of num_cached, one batch per worker): then it is steady state
+            for _ in range(2 * num_cached + workers):
+                next(augmenter)
+            seconds = timed(lambda: [next(augmenter) for _ in range(timed_batches)], torch.device("cpu"))
+            return timed_batches * batch / seconds
+        finally:
+            augmenter._finish()
+
+    return run_interleaved({name: (lambda loader=loader: one_round(loader)) for name, loader in loaders.items()},
+                           rounds)
+
+
 def report(measurements: dict[str, Measurement], patches: int, rounds: int, steps_per_second: float,
            gpu_batch: int) -> dict[str, list[float]]:
     """The table and the workers-needed lines; returns the headline throughput ratios (over nnU-Net default's)."""
@@ -287,6 +318,9 @@ def main() -> None:
     parser.add_argument("--gpu-steps-per-second", type=float, default=TARGET_STEPS_PER_SECOND,
                         help="step rate the workers must feed (default: S3D at 40 %% of an H200's bf16 peak)")
     parser.add_argument("--gpu-batch", type=int, default=RESENC_L.batch_size)
+    parser.add_argument("--processes", type=int, default=0,
+                        help="also measure patches/s through nnU-Net's multi-process augmenter with this many "
+                             "workers (what the train loop receives, inter-process copies included)")
     parser.add_argument("--stock-loader", action="store_true",
                         help="read every pipeline through nnU-Net's nnUNetDataLoader (the state before nnssl's loader)")
     parser.add_argument("--pipelines", nargs="+", choices=sorted(PIPELINES), default=sorted(PIPELINES))
@@ -302,10 +336,21 @@ def main() -> None:
         folders = write_datasets(root, cases, tuple(args.shape), patch_size, args.seed)
         measurements = measure(names, folders, patch_size, args.batch, batches_per_round, rounds, args.seed,
                                args.stock_loader)
+        rates = multiprocess_throughput(names, folders, patch_size, args.batch, args.processes,
+                                        batches_per_round * args.processes, rounds, pin_memory=False) \
+            if args.processes else None
     print(f"{cases} synthetic volumes of {'x'.join(map(str, args.shape))} float32, patch "
           f"{'x'.join(map(str, patch_size))}{', nnU-Net loader for every pipeline' if args.stock_loader else ''}")
     ratios = report(measurements, args.batch * batches_per_round, rounds, args.gpu_steps_per_second,
                     args.gpu_batch)
+    if rates is not None:
+        rows = [[name, summarize(values).format(), summarize(per_round_ratios(values, rates[BASELINE])).format()]
+                for name, values in rates.items()]
+        print_table(f"Through nnU-Net's augmenter, {args.processes} worker processes, {rounds} rounds, "
+                    f"median [min..max]",
+                    ["pipeline", "patches/s", f"x {BASELINE}"], rows)
+        ratios.update({f"{name}_multiprocess_throughput_vs_{BASELINE}": per_round_ratios(values, rates[BASELINE])
+                       for name, values in rates.items() if name != BASELINE})
     print_ratio_lines(ratios)
 
 

@@ -39,10 +39,10 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
 
 from _common import peak_memory_bytes, print_ratio_lines, print_table, summarize, timed
-from data_pipeline import BASELINE, PIPELINES, build_loader, loader_trainer, synthetic_case, write_datasets
+from data_pipeline import (BASELINE, PIPELINES, loader_trainer, multiprocess_throughput, synthetic_case,
+                           write_datasets)
 from step_cost import Settings, count_flops, device_peak_tflops, prepare
 from nnssl.device_augmentation import DeviceSpatialAugmentation, SpatialAugmentationConfig
 from nnssl.presets import RESENC_L, RESENC_TINY
@@ -104,19 +104,10 @@ def measure_pipeline(size: dict, workers: int, pin_memory: bool, root: str) -> d
     """Patches/s of the S3D and nnU-Net default loaders through nnU-Net's augmenter with ``workers`` processes."""
     patch_size = tuple(size["preset"].patch_size)
     folders = write_datasets(root, size["cases"], size["volume"], patch_size, seed=0)
-    results = {}
-    for name in ("s3d_pretraining", BASELINE):
-        spec = PIPELINES[name]
-        loader = build_loader(loader_trainer(spec, patch_size), spec, folders[spec.dataset], size["batch"])
-        augmenter = NonDetMultiThreadedAugmenter(loader, None, workers, num_cached=max(6, workers // 2), seeds=None,
-                                                 pin_memory=pin_memory, wait_time=0.002)
-        for _ in range(max(2, workers)):  # every worker started and through its first batch
-            next(augmenter)
-        seconds = timed(lambda: [next(augmenter) for _ in range(size["pipeline_batches"])], torch.device("cpu"))
-        augmenter._finish()
-        results[name] = {"patches_per_second": size["pipeline_batches"] * size["batch"] / seconds,
-                         "read_size": [int(s) for s in loader.patch_size]}
-    return {"workers": workers, "pin_memory": pin_memory, **results}
+    rates = multiprocess_throughput(["s3d_pretraining", BASELINE], folders, patch_size, size["batch"], workers,
+                                    size["pipeline_batches"], rounds=1, pin_memory=pin_memory)
+    return {"workers": workers, "pin_memory": pin_memory,
+            **{name: {"patches_per_second": values[0]} for name, values in rates.items()}}
 
 
 # ------------------------------------------------------------------------------------------------ 3. end to end

@@ -72,6 +72,8 @@ class PretrainingDataLoader(nnUNetDataLoader):
                     sample = self.transforms(**sample)
                 if data_all is None:
                     data_all = torch.empty((self.batch_size, *sample["image"].shape), dtype=torch.float32)
+                    if self.transforms is None:
+                        data_all.share_memory_()  # read straight into shared memory: no copy on the way to the trainer
                 if not direct:
                     data_all[j] = sample["image"]
                 target = sample.get("segmentation")
