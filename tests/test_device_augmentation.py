@@ -18,7 +18,7 @@ from nnunetv2.utilities.label_handling.label_handling import LabelManager
 from nnssl.augmentation import PRETRAINING_ROTATION, PRETRAINING_SCALING
 from nnssl.device_augmentation import (DeviceSpatialAugmentation, SpatialAugmentationConfig, SpatialParameters,
                                        apply_spatial_augmentation, sample_spatial_parameters)
-from nnssl.pretraining_loader import PretrainingDataLoader, crop_into
+from nnssl.pretraining_loader import PretrainingDataLoader, crop_into, shared_zeros
 
 READ, PATCH = (30, 34, 28), (16, 18, 14)
 
@@ -156,6 +156,13 @@ def test_pretraining_loader_reads_what_nnunets_loader_reads(tmp_path):
     assert torch.equal(batches["without"]["data"], batches["stock"]["data"])
     assert torch.equal(batches["with_regions"]["target"], batches["stock"]["target"])
     assert batches["without"]["target"] is None
+    assert batches["without"]["data"].is_shared()  # handed to the trainer by a worker without another copy
+
+
+def test_shared_zeros_are_zeros_in_shared_memory():
+    tensor = shared_zeros((2, 3, 4), torch.int16)
+    assert tensor.is_shared() and tensor.dtype == torch.int16 and tensor.shape == (2, 3, 4)
+    assert not tensor.any()
 
 
 def test_augmentation_ignores_an_enclosing_bf16_autocast():
