@@ -55,11 +55,17 @@ def crop_into(out: torch.Tensor, array, bbox: Sequence[Sequence[int]], pad_value
 class PretrainingDataLoader(nnUNetDataLoader):
     """``nnUNetDataLoader`` without the region map unless ``read_region_map`` (3D, no cascade)."""
 
-    def __init__(self, *args, read_region_map: bool = True, **kwargs) -> None:
+    def __init__(self, *args, read_region_map: bool = True, shared_batches: bool = True, **kwargs) -> None:
+        """``shared_batches``: batches of read patches in shared memory (for worker processes to hand over; a
+        training without workers does not need shared memory)."""
         super().__init__(*args, **kwargs)
         if self.patch_size_was_2d:
             raise ValueError("PretrainingDataLoader reads 3D patches only.")
         self.read_region_map = read_region_map
+        self.shared_batches = shared_batches
+
+    def _zeros(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        return shared_zeros(shape, dtype) if self.shared_batches else torch.zeros(tuple(shape), dtype=dtype)
 
     def _case_and_box(self, key: str, force_fg: bool) -> Tuple[object, object, List[Tuple[int, int]]]:
         """The case's image and region map (blosc2 arrays, nothing decompressed yet) and the crop box to read."""
@@ -75,11 +81,11 @@ class PretrainingDataLoader(nnUNetDataLoader):
         with torch.no_grad(), threadpool_limits(limits=1, user_api=None):
             for j, key in enumerate(keys):
                 data, seg, bbox = self._case_and_box(key, self.get_do_oversample(j))
-                if self.transforms is None:  # the read patch is the sample: straight into the (shared) batch
+                if self.transforms is None:  # the read patch is the sample: straight into the zeroed batch
                     if data_all is None:
-                        data_all = shared_zeros((self.batch_size, data.shape[0], *self.patch_size), torch.float32)
+                        data_all = self._zeros((self.batch_size, data.shape[0], *self.patch_size), torch.float32)
                         if self.read_region_map:
-                            seg_all = shared_zeros((self.batch_size, seg.shape[0], *self.patch_size), torch.int16)
+                            seg_all = self._zeros((self.batch_size, seg.shape[0], *self.patch_size), torch.int16)
                     crop_into(data_all[j], data, bbox, IMAGE_PAD_VALUE, zeroed=True)
                     if seg_all is not None:
                         crop_into(seg_all[j], seg, bbox, REGION_PAD_VALUE)

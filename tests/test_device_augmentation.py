@@ -149,7 +149,9 @@ def test_pretraining_loader_reads_what_nnunets_loader_reads(tmp_path):
     for name, loader in {"stock": nnUNetDataLoader(dataset, 3, (26, 24, 30), (16, 16, 16), labels),
                          "with_regions": PretrainingDataLoader(dataset, 3, (26, 24, 30), (16, 16, 16), labels),
                          "without": PretrainingDataLoader(dataset, 3, (26, 24, 30), (16, 16, 16), labels,
-                                                          read_region_map=False)}.items():
+                                                          read_region_map=False),
+                         "private": PretrainingDataLoader(dataset, 3, (26, 24, 30), (16, 16, 16), labels,
+                                                          read_region_map=False, shared_batches=False)}.items():
         np.random.seed(4)
         batches[name] = next(loader)
     assert torch.equal(batches["with_regions"]["data"], batches["stock"]["data"])
@@ -157,6 +159,8 @@ def test_pretraining_loader_reads_what_nnunets_loader_reads(tmp_path):
     assert torch.equal(batches["with_regions"]["target"], batches["stock"]["target"])
     assert batches["without"]["target"] is None
     assert batches["without"]["data"].is_shared()  # handed to the trainer by a worker without another copy
+    assert torch.equal(batches["private"]["data"], batches["stock"]["data"])
+    assert not batches["private"]["data"].is_shared()
 
 
 def test_shared_zeros_are_zeros_in_shared_memory():

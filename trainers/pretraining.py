@@ -26,6 +26,7 @@ from torch import nn
 import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as nnunet_trainer_module
 from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.collate_outputs import collate_outputs
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
@@ -170,7 +171,8 @@ class nnsslPretrainTrainer(nnsslTrainerMixin, nnUNetTrainer):
 
     def data_loader_class(self):
         """What ``get_dataloaders`` builds in place of ``nnUNetDataLoader`` (same arguments)."""
-        return partial(PretrainingDataLoader, read_region_map=self.needs_region_map)
+        return partial(PretrainingDataLoader, read_region_map=self.needs_region_map,
+                       shared_batches=get_allowed_n_proc_DA() > 0)
 
     def get_dataloaders(self):
         if self.spatial_augmentation_on_device:
