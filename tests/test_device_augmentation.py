@@ -127,7 +127,8 @@ def test_mirroring_only_on_allowed_axes_and_seeded_draws_repeat():
     assert any(not torch.equal(first, other(images)[0]) for _ in range(5))
 
 
-@pytest.mark.parametrize("bbox", [[[2, 12], [0, 9], [3, 8]], [[-4, 6], [5, 20], [-2, 14]], [[-3, 17], [-1, 16], [0, 4]]])
+@pytest.mark.parametrize("bbox", [[[2, 12], [0, 9], [3, 8]], [[-4, 6], [5, 20], [-2, 14]],
+                                  [[-3, 17], [-1, 16], [0, 4]]])
 def test_crop_into_equals_nnunets_crop_and_pad(bbox):
     array = np.random.default_rng(0).standard_normal((2, 14, 15, 12)).astype(np.float32)
     out = torch.full((2, *[b - a for a, b in bbox]), 7.0)

@@ -18,7 +18,8 @@ def test_gpu_check_dry_run_writes_every_figure(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     figures = json.loads(out.read_text())
     assert figures["dry_run"] and figures["device_name"] == "cpu"
-    assert not any("error" in section for section in (figures["pipeline"], figures["end_to_end"], *figures["step"].values()))
+    sections = (figures["pipeline"], figures["end_to_end"], *figures["step"].values())
+    assert not any("error" in section for section in sections)
     assert figures["step"]["eager"]["steps_per_second"] > 0 and figures["step"]["channels_last"]["peak_memory_mib"] > 0
     assert "skipped" in figures["step"]["compile"]
     assert figures["device_augmentation"]["read_size"] == [124, 124, 124]  # the tiny preset's pre-rotation patch
