@@ -93,9 +93,13 @@ class _PretrainHost(_Host):
     compute_loss = S3DPretrainTrainer.compute_loss
     _predict = S3DPretrainTrainer._predict
     loss_region = S3DPretrainTrainer.loss_region
+    batch_loss_region = S3DPretrainTrainer.batch_loss_region
+    needs_region_map = S3DPretrainTrainer.needs_region_map
     masking = S3DPretrainTrainer.masking
     restrict_loss_to_anatomy = False  # ingest without anonymisation masks: the loss reads no region map
     exclude_anonymised = False
+    device_training_batch = nnsslPretrainTrainer.device_training_batch
+    spatial_augmentation_on_device = False  # batches arrive at the patch size (gpu_check.py times the augmentation)
 
     def __init__(self, device: torch.device, configuration_manager: ConfigurationManager, use_fp16: bool) -> None:
         super().__init__(device, configuration_manager)

@@ -1,4 +1,8 @@
-"""Augmentation pipelines (batchgeneratorsv2) shared by the pretraining trainers and spatial-only fine-tuning."""
+"""Augmentation pipelines (batchgeneratorsv2) shared by the pretraining trainers and spatial-only fine-tuning.
+
+The pretraining spatial augmentation also runs batched on the training device (``nnssl.device_augmentation``), from
+the same constants.
+"""
 
 from typing import Sequence, Tuple
 
@@ -12,6 +16,8 @@ from batchgeneratorsv2.transforms.utils.remove_label import RemoveLabelTansform
 # reference S3D pretraining: rotation +-30 deg (p 0.2), scaling 0.7..1.4 (p 0.2), mirroring, no intensity changes
 PRETRAINING_SCALING = (0.7, 1.4)
 PRETRAINING_ROTATION = (-30.0 / 360 * 2 * np.pi, 30.0 / 360 * 2 * np.pi)
+PRETRAINING_P_ROTATION = 0.2
+PRETRAINING_P_SCALING = 0.2
 
 
 def spatial_transforms(patch_size: Sequence[int], rotation: Tuple[float, float],
@@ -24,7 +30,8 @@ def spatial_transforms(patch_size: Sequence[int], rotation: Tuple[float, float],
     transforms = [
         SpatialTransform(
             patch_size, patch_center_dist_from_border=0, random_crop=False, p_elastic_deform=0,
-            p_rotation=0.2, rotation=rotation, p_scaling=0.2, scaling=PRETRAINING_SCALING,
+            p_rotation=PRETRAINING_P_ROTATION, rotation=rotation, p_scaling=PRETRAINING_P_SCALING,
+            scaling=PRETRAINING_SCALING,
             p_synchronize_scaling_across_axes=1, bg_style_seg_sampling=False, border_mode_seg="constant",
             padding_value_seg=-1,
         ),

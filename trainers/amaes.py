@@ -32,7 +32,12 @@ from nnssl.trainers.variants import define_epoch_variants
 
 
 class AugmentationReversalMixin:
-    """Reversal target for S3D-family trainers (``mask_sampler``, ``loss_region``, ``network(x, mask)``)."""
+    """Reversal target for S3D-family trainers (``mask_sampler``, ``loss_region``, ``network(x, mask)``).
+
+    The whole augmentation stays in the CPU workers: the input-only augmentations follow the spatial ones there.
+    """
+
+    spatial_augmentation_on_device = False
 
     @staticmethod
     def get_training_transforms(patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes,
@@ -62,8 +67,7 @@ class AugmentationReversalMixin:
 
     def compute_loss(self, batch: dict, train: bool) -> torch.Tensor:
         _, target, mask, prediction = self._reverse(batch)
-        region = self.loss_region(batch["target"].to(self.device, non_blocking=True))
-        return self.reconstruction_loss(prediction, target, mask, region)
+        return self.reconstruction_loss(prediction, target, mask, self.batch_loss_region(batch))
 
     def reconstruction_panels(self, batch: dict) -> Optional[Dict[str, np.ndarray]]:
         inputs, target, mask, prediction = self._reverse(batch)

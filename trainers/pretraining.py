@@ -16,6 +16,7 @@ the loss of a batch (``compute_loss``) and which weights are transferable
 """
 
 from contextlib import nullcontext
+from functools import partial
 from os.path import join
 from time import time
 from typing import Dict, List, Optional, Tuple
@@ -23,8 +24,10 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 from torch import nn
+import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as nnunet_trainer_module
 from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.collate_outputs import collate_outputs
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
@@ -38,6 +41,10 @@ from nnssl.integration.distributed import gather_from_all_ranks
 from nnssl.methods.reconstruction_figure import save_reconstruction_png
 from nnssl.methods.recipe import PRETRAIN_RECIPE, PretrainRecipe
 from nnssl.trainers.base import nnsslTrainerMixin
+from nnssl.device_augmentation import DeviceSpatialAugmentation, SpatialAugmentationConfig
+from nnssl.integration.patching import replaced_attribute
+from nnssl.integration.seeding import seed_from_environment, stream_seed
+from nnssl.pretraining_loader import PretrainingDataLoader
 
 
 def freeze_unused_deep_supervision_heads(network: nn.Module) -> None:
@@ -49,6 +56,9 @@ def freeze_unused_deep_supervision_heads(network: nn.Module) -> None:
     decoder = getattr(network, "decoder", None)
     for head in list(getattr(decoder, "seg_layers", []))[:-1]:
         head.requires_grad_(False)
+
+
+DEVICE_AUGMENTATION_STREAM = 1  # stream key (seed, rank, this) of the device augmentation under nnssl_seed
 
 
 class NonFiniteLossError(RuntimeError):
@@ -132,11 +142,55 @@ class nnsslPretrainTrainer(nnsslTrainerMixin, nnUNetTrainer):
         self.inference_allowed_mirroring_axes = mirror_axes
         return PRETRAINING_ROTATION, False, initial_patch_size, mirror_axes
 
-    @staticmethod
-    def get_training_transforms(patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes,
+    # True: the workers only crop; the method's compute_loss passes training batches through device_training_batch,
+    # which rotates/scales/mirrors them on self.device (nnssl.device_augmentation). False: batchgeneratorsv2 in the
+    # augmentation workers
+    spatial_augmentation_on_device: bool = False
+
+    @classmethod
+    def get_training_transforms(cls, patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes,
                                 do_dummy_2d_data_aug, use_mask_for_norm=None, is_cascaded=False,
                                 foreground_labels=None, regions=None, ignore_label=None):
+        """None with device augmentation: the workers only read and crop the pre-rotation patch."""
+        if cls.spatial_augmentation_on_device:
+            return None
         return spatial_transforms(patch_size, rotation_for_DA, mirror_axes)
+
+    @property
+    def needs_region_map(self) -> bool:
+        """Whether the loss reads the batch's region map (nnU-Net's "target"); if not, the loader skips it."""
+        return False
+
+    def build_device_augmentation(self) -> DeviceSpatialAugmentation:
+        """The spatial augmentation of ``configure_rotation_dummyDA_mirroring_and_inital_patch_size``, on the device;
+        under ``nnssl_seed`` its generator gets a stream of its own per rank."""
+        rotation, _, _, mirror_axes = self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        seed = seed_from_environment()
+        return DeviceSpatialAugmentation(
+            self.configuration_manager.patch_size,
+            SpatialAugmentationConfig(rotation=tuple(rotation), mirror_axes=tuple(mirror_axes or ())),
+            seed=None if seed is None else stream_seed(seed, self.nnssl_rank, DEVICE_AUGMENTATION_STREAM))
+
+    def data_loader_class(self):
+        """What ``get_dataloaders`` builds in place of ``nnUNetDataLoader`` (same arguments)."""
+        return partial(PretrainingDataLoader, read_region_map=self.needs_region_map,
+                       shared_batches=get_allowed_n_proc_DA() > 0)
+
+    def get_dataloaders(self):
+        if self.spatial_augmentation_on_device:
+            self.device_augmentation = self.build_device_augmentation()
+        with replaced_attribute(nnunet_trainer_module, "nnUNetDataLoader", self.data_loader_class()):
+            return super().get_dataloaders()
+
+    def device_training_batch(self, batch: dict) -> dict:
+        """The training batch on ``self.device``, spatially augmented there when ``spatial_augmentation_on_device``."""
+        if not self.spatial_augmentation_on_device:
+            return batch
+        data = batch["data"].to(self.device, non_blocking=True)
+        region = batch["target"]
+        region = None if region is None else region.to(self.device, non_blocking=True)
+        data, region = self.device_augmentation(data, region)
+        return {**batch, "data": data, "target": region}
 
     def set_deep_supervision_enabled(self, enabled: bool):
         """Pretraining never uses deep supervision (the network is built without it)."""

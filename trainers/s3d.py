@@ -32,6 +32,7 @@ class S3DPretrainTrainer(nnsslPretrainTrainer):
     masking = MaskingConfig()
     mask_seed = 12345
     restrict_loss_to_anatomy = False
+    spatial_augmentation_on_device = True
 
     def __init__(self, plans: dict, configuration: str, fold, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -54,6 +55,10 @@ class S3DPretrainTrainer(nnsslPretrainTrainer):
                                                  seed=self.mask_seed, rank=self.nnssl_rank)
             self.print_to_log_file(f"Masking: {self.masking}")
 
+    @property
+    def needs_region_map(self) -> bool:
+        return self.restrict_loss_to_anatomy or self.exclude_anonymised
+
     def loss_region(self, region_map: torch.Tensor) -> Optional[torch.Tensor]:
         """Voxels allowed in the loss, from nnU-Net's "target" (the placeholder label map of ingested data)."""
         if self.restrict_loss_to_anatomy:
@@ -62,15 +67,22 @@ class S3DPretrainTrainer(nnsslPretrainTrainer):
             return region_map != ANONYMISED_LABEL
         return None
 
+    def batch_loss_region(self, batch: dict) -> Optional[torch.Tensor]:
+        """``loss_region`` of the batch's region map on the device; None (nothing read) when the loss needs none."""
+        if not self.needs_region_map:
+            return None
+        return self.loss_region(batch["target"].to(self.device, non_blocking=True))
+
     def _predict(self, batch: dict):
         data = batch["data"].to(self.device, non_blocking=True)
         mask = self.mask_sampler.sample(data.shape[0], self.device)
         return data, mask, self.network(data, mask)
 
     def compute_loss(self, batch: dict, train: bool) -> torch.Tensor:
+        if train:
+            batch = self.device_training_batch(batch)
         data, mask, prediction = self._predict(batch)
-        region = self.loss_region(batch["target"].to(self.device, non_blocking=True))
-        return masked_reconstruction_loss(prediction, data, mask, region)
+        return masked_reconstruction_loss(prediction, data, mask, self.batch_loss_region(batch))
 
     def reconstruction_panels(self, batch: dict) -> Optional[Dict[str, np.ndarray]]:
         data, mask, prediction = self._predict(batch)
@@ -116,6 +128,13 @@ class S3DPretrainTrainer_fp16(S3DPretrainTrainer):
     """fp16 autocast with a GradScaler on CUDA (as the reference) instead of bf16."""
 
     recipe = replace(PRETRAIN_RECIPE, precision="fp16")
+
+
+class S3DPretrainTrainer_cpuDA(S3DPretrainTrainer):
+    """Spatial augmentation in the CPU workers (batchgeneratorsv2), as before device augmentation: same
+    distribution, the slower pipeline; for hosts where a read patch per sample is too much to send to the GPU."""
+
+    spatial_augmentation_on_device = False
 
 
 class S3DPretrainTrainer_anatomy(S3DPretrainTrainer):
