@@ -22,8 +22,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from nnssl.augmentation import (PRETRAINING_P_ROTATION, PRETRAINING_P_SCALING, PRETRAINING_ROTATION,
-                                PRETRAINING_SCALING)
+from nnssl.augmentation import PRETRAINING_P_ROTATION, PRETRAINING_P_SCALING, PRETRAINING_ROTATION, PRETRAINING_SCALING
 
 OUTSIDE_LABEL = -1  # what the loader pads region maps with; becomes 0 after the transform, as RemoveLabelTansform
 

@@ -7,8 +7,7 @@ import torch
 from nnunetv2.training.logging.nnunet_logger import LocalLogger
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnssl.integration.checkpoint import (CHECKPOINT_KEYS, PretrainingCheckpoint, checkpoint_dict,
-                                          checkpoint_from_dict)
+from nnssl.integration.checkpoint import CHECKPOINT_KEYS, PretrainingCheckpoint, checkpoint_dict, checkpoint_from_dict
 
 
 def nnunet_checkpoint_keys(tmp_path) -> set:

@@ -18,7 +18,7 @@ from nnunetv2.utilities.label_handling.label_handling import LabelManager
 from nnssl.augmentation import PRETRAINING_ROTATION, PRETRAINING_SCALING
 from nnssl.device_augmentation import (DeviceSpatialAugmentation, SpatialAugmentationConfig, SpatialParameters,
                                        apply_spatial_augmentation, sample_spatial_parameters)
-from nnssl.pretraining_loader import PretrainingDataLoader, crop_into, shared_zeros
+from nnssl.integration.pretraining_loader import PretrainingDataLoader, crop_into, shared_zeros
 
 READ, PATCH = (30, 34, 28), (16, 18, 14)
 

@@ -44,7 +44,7 @@ from nnssl.trainers.base import nnsslTrainerMixin
 from nnssl.device_augmentation import DeviceSpatialAugmentation, SpatialAugmentationConfig
 from nnssl.integration.patching import replaced_attribute
 from nnssl.integration.seeding import seed_from_environment, stream_seed
-from nnssl.pretraining_loader import PretrainingDataLoader
+from nnssl.integration.pretraining_loader import PretrainingDataLoader
 
 
 def freeze_unused_deep_supervision_heads(network: nn.Module) -> None:
