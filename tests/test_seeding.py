@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from conftest import TINY_DATASET, TINY_DATASET_ID, run_command
+from nnssl.integration.seeding import stream_seed
+from nnssl.trainers.s3d import MASK_STREAM
 
 SMOKE = {"nnssl_num_epochs": "2", "nnssl_iterations_per_epoch": "3", "nnssl_val_iterations_per_epoch": "2"}
 
@@ -17,6 +19,8 @@ def loss_curve(dirs, tmp_path, trainer: str, seed: str, run: str, workers: str) 
     logging = torch.load(folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)["logging"]
     log = next(folder.glob("training_log_*.txt")).read_text()
     assert f"nnssl_seed={seed}: Python, numpy, torch and the augmentation workers are seeded" in log
+    if trainer == "S3DPretrainTrainer":  # the masks follow the seed too
+        assert log.count(f", mask seed {stream_seed(int(seed), MASK_STREAM)}") == 1
     return tuple(logging["train_losses"]), tuple(logging["val_losses"])
 
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from nnssl import citations
 from nnssl.integration.distributed import gather_from_all_ranks
+from nnssl.integration.seeding import seed_from_environment, stream_seed
 from nnssl.methods.mae_models import DenseMAEModel, S3DModel
 from nnssl.methods.masking import BlockMaskSampler, MaskingConfig, upsample_mask
 from nnssl.methods.reconstruction_loss import masked_reconstruction_loss
@@ -25,6 +26,9 @@ from nnssl.trainers.variants import define_epoch_variants
 
 ANATOMY_LABEL = 1
 ANONYMISED_LABEL = 2
+
+
+MASK_STREAM = 2  # stream key of the mask sampler under nnssl_seed (the device augmentation's is 1)
 
 
 class S3DPretrainTrainer(nnsslPretrainTrainer):
@@ -51,9 +55,11 @@ class S3DPretrainTrainer(nnsslPretrainTrainer):
     def initialize(self):
         super().initialize()
         if self.mask_sampler is None:
+            seed = seed_from_environment()  # nnssl_seed also decides the masks; the same on every rank
+            mask_seed = self.mask_seed if seed is None else stream_seed(seed, MASK_STREAM)
             self.mask_sampler = BlockMaskSampler(self.configuration_manager.patch_size, self.masking,
-                                                 seed=self.mask_seed, rank=self.nnssl_rank)
-            self.print_to_log_file(f"Masking: {self.masking}")
+                                                 seed=mask_seed, rank=self.nnssl_rank)
+            self.print_to_log_file(f"Masking: {self.masking}, mask seed {mask_seed}")
 
     @property
     def needs_region_map(self) -> bool:
