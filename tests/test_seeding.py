@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from conftest import TINY_DATASET, TINY_DATASET_ID, run_command
-from nnssl.integration.seeding import stream_seed
-from nnssl.trainers.s3d import MASK_STREAM
+from nnssl.integration.seeding import MASK_STREAM, stream_seed
 
 SMOKE = {"nnssl_num_epochs": "2", "nnssl_iterations_per_epoch": "3", "nnssl_val_iterations_per_epoch": "2"}
 
@@ -20,7 +19,7 @@ def loss_curve(dirs, tmp_path, trainer: str, seed: str, run: str, workers: str) 
     log = next(folder.glob("training_log_*.txt")).read_text()
     assert f"nnssl_seed={seed}: Python, numpy, torch and the augmentation workers are seeded" in log
     if trainer == "S3DPretrainTrainer":  # the masks follow the seed too
-        assert log.count(f", mask seed {stream_seed(int(seed), MASK_STREAM)}") == 1
+        assert log.count(f", mask seed {stream_seed(int(seed), 0, MASK_STREAM)}") == 1
     return tuple(logging["train_losses"]), tuple(logging["val_losses"])
 
 

@@ -32,19 +32,19 @@ from nnunetv2.utilities.collate_outputs import collate_outputs
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
 from nnssl import citations
-from nnssl.citations import Citation
-from nnssl.finetuning.adaptation_plan import build_adaptation_plan
 from nnssl.augmentation import PRETRAINING_ROTATION, PRETRAINING_SCALING, spatial_transforms
+from nnssl.citations import Citation
+from nnssl.device_augmentation import DeviceSpatialAugmentation, SpatialAugmentationConfig
+from nnssl.finetuning.adaptation_plan import build_adaptation_plan
 from nnssl.integration.checkpoint import (PretrainingCheckpoint, atomic_torch_save, checkpoint_dict,
                                           checkpoint_from_dict, unwrap)
 from nnssl.integration.distributed import gather_from_all_ranks
-from nnssl.methods.reconstruction_figure import save_reconstruction_png
-from nnssl.methods.recipe import PRETRAIN_RECIPE, PretrainRecipe
-from nnssl.trainers.base import nnsslTrainerMixin
-from nnssl.device_augmentation import DeviceSpatialAugmentation, SpatialAugmentationConfig
 from nnssl.integration.patching import replaced_attribute
-from nnssl.integration.seeding import seed_from_environment, stream_seed
 from nnssl.integration.pretraining_loader import PretrainingDataLoader
+from nnssl.integration.seeding import DEVICE_AUGMENTATION_STREAM, seeded_stream
+from nnssl.methods.recipe import PRETRAIN_RECIPE, PretrainRecipe
+from nnssl.methods.reconstruction_figure import save_reconstruction_png
+from nnssl.trainers.base import nnsslTrainerMixin
 
 
 def freeze_unused_deep_supervision_heads(network: nn.Module) -> None:
@@ -56,9 +56,6 @@ def freeze_unused_deep_supervision_heads(network: nn.Module) -> None:
     decoder = getattr(network, "decoder", None)
     for head in list(getattr(decoder, "seg_layers", []))[:-1]:
         head.requires_grad_(False)
-
-
-DEVICE_AUGMENTATION_STREAM = 1  # stream key (seed, rank, this) of the device augmentation under nnssl_seed
 
 
 class NonFiniteLossError(RuntimeError):
@@ -165,11 +162,10 @@ class nnsslPretrainTrainer(nnsslTrainerMixin, nnUNetTrainer):
         """The spatial augmentation of ``configure_rotation_dummyDA_mirroring_and_inital_patch_size``, on the device;
         under ``nnssl_seed`` its generator gets a stream of its own per rank."""
         rotation, _, _, mirror_axes = self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
-        seed = seed_from_environment()
         return DeviceSpatialAugmentation(
             self.configuration_manager.patch_size,
             SpatialAugmentationConfig(rotation=tuple(rotation), mirror_axes=tuple(mirror_axes or ())),
-            seed=None if seed is None else stream_seed(seed, self.nnssl_rank, DEVICE_AUGMENTATION_STREAM))
+            seed=seeded_stream(self.nnssl_rank, DEVICE_AUGMENTATION_STREAM))
 
     def data_loader_class(self):
         """What ``get_dataloaders`` builds in place of ``nnUNetDataLoader`` (same arguments)."""

@@ -16,19 +16,15 @@ from torch import nn
 
 from nnssl import citations
 from nnssl.integration.distributed import gather_from_all_ranks
-from nnssl.integration.seeding import seed_from_environment, stream_seed
+from nnssl.integration.seeding import MASK_STREAM, seeded_stream
 from nnssl.methods.mae_models import DenseMAEModel, S3DModel
 from nnssl.methods.masking import BlockMaskSampler, MaskingConfig, upsample_mask
 from nnssl.methods.reconstruction_loss import masked_reconstruction_loss
-from nnssl.methods.recipe import PRETRAIN_RECIPE
 from nnssl.trainers.pretraining import nnsslPretrainTrainer
 from nnssl.trainers.variants import define_epoch_variants
 
 ANATOMY_LABEL = 1
 ANONYMISED_LABEL = 2
-
-
-MASK_STREAM = 2  # stream key of the mask sampler under nnssl_seed (the device augmentation's is 1)
 
 
 class S3DPretrainTrainer(nnsslPretrainTrainer):
@@ -55,8 +51,10 @@ class S3DPretrainTrainer(nnsslPretrainTrainer):
     def initialize(self):
         super().initialize()
         if self.mask_sampler is None:
-            seed = seed_from_environment()  # nnssl_seed also decides the masks; the same on every rank
-            mask_seed = self.mask_seed if seed is None else stream_seed(seed, MASK_STREAM)
+            # under nnssl_seed every rank takes rank 0's mask stream: the ratio stream must be the same on all
+            # ranks (the sampler derives each rank's pattern stream from it)
+            seeded = seeded_stream(0, MASK_STREAM)
+            mask_seed = self.mask_seed if seeded is None else seeded
             self.mask_sampler = BlockMaskSampler(self.configuration_manager.patch_size, self.masking,
                                                  seed=mask_seed, rank=self.nnssl_rank)
             self.print_to_log_file(f"Masking: {self.masking}, mask seed {mask_seed}")
@@ -133,7 +131,7 @@ class S3DPretrainTrainer_block32(S3DPretrainTrainer):
 class S3DPretrainTrainer_fp16(S3DPretrainTrainer):
     """fp16 autocast with a GradScaler on CUDA (as the reference) instead of bf16."""
 
-    recipe = replace(PRETRAIN_RECIPE, precision="fp16")
+    recipe = replace(S3DPretrainTrainer.recipe, precision="fp16")
 
 
 class S3DPretrainTrainer_cpuDA(S3DPretrainTrainer):

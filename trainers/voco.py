@@ -28,7 +28,6 @@ from nnssl.integration.checkpoint import encoder_only_state_dict
 from nnssl.finetuning.adaptation_plan import build_adaptation_plan
 from nnssl.trainers.pretraining import nnsslPretrainTrainer
 from nnssl.trainers.variants import define_epoch_variants
-from nnssl.methods.recipe import PRETRAIN_RECIPE
 from nnssl.methods.voco import VoCoGeometry, VoCoModel, voco_prediction_loss, voco_regularisation_loss, voco_transforms
 
 # Plans whose patch is smaller than this on some axis are CPU/test presets: they get the tiny VoCo geometry.
@@ -106,7 +105,7 @@ class VoCoPretrainTrainer(nnsslPretrainTrainer):
 class VoCoPretrainTrainer_noclip(VoCoPretrainTrainer):
     """No gradient clipping, as the reference VoCo trainer."""
 
-    recipe = replace(PRETRAIN_RECIPE, gradient_clip_norm=None)
+    recipe = replace(VoCoPretrainTrainer.recipe, gradient_clip_norm=None)
 
 
 class VoCoPretrainTrainer_3x3x1(VoCoPretrainTrainer):

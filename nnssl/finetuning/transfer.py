@@ -130,9 +130,11 @@ def transfer_pretrained_weights(network: nn.Module, network_weights: Dict[str, t
         new_values[key] = value.to(dtype=tensor.dtype)
         loaded_storages.setdefault(part, set()).add(tensor.data_ptr())  # dna aliases share one tensor
     report.loaded = {part: len(storages) for part, storages in loaded_storages.items()}
-    problems += [f"  {key}: in the {source} {tuple(value.shape)} but not in the network (a deeper or different "
-                 f"{part_of(key, prefixes)})" for key, value in pretrained.items()
-                 if part_of(key, prefixes) and key not in target]
+    for key, value in pretrained.items():
+        extra_part = part_of(key, prefixes) if key not in target else ""
+        if extra_part:
+            problems.append(f"  {key}: in the {source} {tuple(value.shape)} but not in the network (a deeper or "
+                            f"different {extra_part})")
     if problems:
         raise PretrainedWeightsError(f"The pretrained weights do not match the network ({len(problems)} "
                                      f"tensors of {', '.join(parts)}):\n" + "\n".join(problems))

@@ -32,6 +32,18 @@ def stream_seed(seed: int, *key: int) -> int:
     return int(np.random.SeedSequence(entropy=seed, spawn_key=key).generate_state(1)[0])
 
 
+# The streams nnssl_seed derives: the process's own is keyed (rank,), each augmentation worker's
+# (rank, loader, worker), and every other stream (rank, purpose): keys of different shapes never collide.
+DEVICE_AUGMENTATION_STREAM = 1
+MASK_STREAM = 2
+
+
+def seeded_stream(rank: int, purpose: int) -> Optional[int]:
+    """The seed of stream ``purpose`` of ``rank`` under ``nnssl_seed``, or None when the variable is unset."""
+    seed = seed_from_environment()
+    return None if seed is None else stream_seed(seed, rank, purpose)
+
+
 def seed_process(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
