@@ -1,5 +1,6 @@
 """The pretraining base trainer's guards, on a bare model: non-finite losses skip the update and stop training."""
 
+import re
 from contextlib import nullcontext
 from dataclasses import replace
 
@@ -67,3 +68,16 @@ def test_loss_region_excludes_anonymised_voxels_and_can_restrict_to_anatomy():
     assert S3DPretrainTrainer.loss_region(anonymised, region_map).flatten().tolist() == [True, True, False, True]
     anatomy = SimpleNamespace(restrict_loss_to_anatomy=True, exclude_anonymised=True)
     assert S3DPretrainTrainer.loss_region(anatomy, region_map).flatten().tolist() == [False, True, False, True]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"precision": "fp8"}, "precision must be one of ('bf16', 'fp16'), not 'fp8'"),
+    ({"peak_lr": 0.0}, "peak_lr must be positive"),
+    ({"gradient_clip_norm": 0.0}, "gradient_clip_norm must be positive or None"),
+    ({"num_epochs": 0}, "num_epochs must be at least 1"),
+    ({"max_nonfinite_losses_per_epoch": -1}, "max_nonfinite_losses_per_epoch must be >= 0"),
+])
+def test_invalid_pretraining_recipes_are_refused(change, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        replace(PRETRAIN_RECIPE, **change)
+    assert replace(PRETRAIN_RECIPE, gradient_clip_norm=None).gradient_clip_norm is None  # no clipping is valid
