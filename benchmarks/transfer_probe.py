@@ -119,14 +119,15 @@ def console_script(name: str) -> str:
 class Workspace:
     """One seed's nnU-Net folders and the environment its commands run in; logs every command to ``logs/``."""
 
-    def __init__(self, root: Path, device: str, seed: int) -> None:
+    def __init__(self, root: Path, device: str, seed: int, torch_threads: int) -> None:
         self.root, self.device, self.seed = root, device, seed
         self.logs = root / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         # the user's own nnssl_* variables (schedule, batch size, checkpoint override) must not reach the commands
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("nnssl_")}
         # validation without test-time mirroring: 8x cheaper, the same for every arm
-        self.env.update(nnUNet_n_proc_DA="0", nnUNet_def_n_proc="1", nnssl_seed=str(seed), nnssl_val_disable_tta="1")
+        self.env.update(nnUNet_n_proc_DA="0", nnUNet_def_n_proc="1", nnssl_seed=str(seed), nnssl_val_disable_tta="1",
+                        nnssl_torch_threads=str(torch_threads))
         for variable in NNUNET_FOLDERS:
             (root / variable).mkdir(exist_ok=True)
             self.env[variable] = str(root / variable)
@@ -365,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="pretraining trainers run once per seed; the first is the default (default %(default)s)")
     parser.add_argument("--baseline", default=DEFAULT_BASELINE, help="the arm differences are taken against")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--torch-threads", type=int, default=1,
+                        help="intra-op threads of every training (nnssl_torch_threads; default %(default)s: nnU-Net's "
+                             "one per core made steps 8-25x slower whenever anything else ran on the machine)")
     parser.add_argument("--cache", type=Path, help="folder for pretrained checkpoints (default: in the work folder)")
     parser.add_argument("--output", type=Path, default=Path("transfer_probe"),
                         help="folder for transfer_probe.json and transfer_probe.png (default %(default)s)")
@@ -421,7 +425,7 @@ def main() -> int:
     keep = args.keep
     try:
         for seed in budget.seeds:
-            workspace = Workspace(root / f"seed{seed}", args.device, seed)
+            workspace = Workspace(root / f"seed{seed}", args.device, seed, args.torch_threads)
             checkpoints = prepare_seed(workspace, budget, args.pretrainers, cache)
             threshold.append(heldout_threshold_dice(workspace, budget))
             # one run at a time: nnU-Net gives every CPU training all cores, so parallel runs thrash (measured
