@@ -35,6 +35,7 @@ def run_command(args: List[str], cwd: Optional[Path] = None, extra_env: Optional
     env = dict(os.environ)
     env.setdefault("nnUNet_n_proc_DA", "0")  # augmentation in the main process
     env.setdefault("nnUNet_def_n_proc", "1")  # nnU-Net's export/evaluation pools: one spawn costs seconds here
+    env.setdefault("nnssl_torch_threads", "1")  # pytest-xdist runs two trainings at once: one thread each
     env.update(extra_env or {})
     command = [console_script(args[0])] + [str(a) for a in args[1:]]
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
