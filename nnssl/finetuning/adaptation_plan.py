@@ -109,7 +109,7 @@ def build_adaptation_plan(plans: dict, configuration: str, num_input_channels: i
 
 
 def is_primus_plan(adaptation_plan: dict) -> bool:
-    """Whether an adaptation plan describes a Primus checkpoint."""
+    """Whether an adaptation plan describes a Primus checkpoint (False when it names no architecture)."""
     from nnssl.architectures import is_primus
 
-    return is_primus(adaptation_plan["architecture_plans"]["arch_class_name"])
+    return is_primus((adaptation_plan.get("architecture_plans") or {}).get("arch_class_name") or "")

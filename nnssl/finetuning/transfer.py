@@ -153,7 +153,7 @@ def skipped_summary(pretrained: Dict[str, torch.Tensor], prefixes: Dict[str, str
         "decoder.encoder.*": "nnU-Net's duplicate references to the encoder",
         "decoder.seg_layers.*": "output heads are task specific and always start fresh",
         "decoder.*": "decoder not transferred (fresh decoder; use the _encdec trainer to transfer it)",
-        "other": "not part of the downstream network",
+        "other": "not transferred (e.g. a Primus's patch decoder and mask token; they start fresh)",
     }
     counts: Dict[str, int] = {}
     for key in pretrained:
