@@ -124,10 +124,14 @@ class PrimusMAEModel(nn.Module):
         tokens = self.decoder_projection(decoded)
         return self.network.up_projection(tokens.transpose(1, 2).reshape(batch, -1, *self.grid))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Reconstruction (B, C, *patch) from the visible blocks of ``mask`` (B, 1, *cells; 1 = visible)."""
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Reconstruction (B, C, *patch) from the visible blocks of ``mask`` (B, 1, *cells; 1 = visible).
+
+        ``keep``: the mask's ``visible_token_indices``, when computed elsewhere (a FLOP count on the meta device
+        cannot, the indices being data dependent)."""
         if mask.dim() != x.dim() or mask.shape[0] != x.shape[0] or mask.shape[1] != 1:
             raise ValueError(f"Expected a (B, 1, *grid) mask for an input of shape {tuple(x.shape)}, got "
                              f"{tuple(mask.shape)}.")
-        keep = visible_token_indices(mask, self.grid)
+        if keep is None:
+            keep = visible_token_indices(mask, self.grid)
         return self.decode(self.encode(x, keep), keep)
