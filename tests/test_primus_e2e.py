@@ -1,5 +1,6 @@
 """Primus through the stock commands on the tiny Primus preset (CPU): plan, MAE pretraining with token dropping,
-resume, nnssl_prepare_finetune, fine-tuning (pretrained and scratch), nnUNetv2_predict, and the refusals."""
+resume, nnssl_prepare_finetune, fine-tuning (pretrained and scratch), nnUNetv2_predict, the refusals, and DDP
+(``nnssl_train`` under torchrun, 2 ranks, gloo)."""
 
 import json
 import shutil
@@ -7,6 +8,7 @@ import shutil
 import torch
 
 from conftest import SMOKE_PRETRAINING, TINY_DATASET_ID, run_command, write_labeled_dataset
+from test_torchrun import assert_mask_streams_per_rank, checksums, nnssl_train
 from nnssl.citations import apa_lines
 from nnssl.presets import PRIMUS_TINY
 
@@ -28,11 +30,15 @@ def training_log(folder) -> str:
     return "".join(p.read_text() for p in sorted(folder.glob("training_log_*.txt")))
 
 
-def test_primus_pretrain_resume_prepare_finetune_predict(nnunet_dirs, tmp_path):
+def plan_primus_pretraining_dataset(nnunet_dirs) -> None:
     write_labeled_dataset(nnunet_dirs["nnUNet_raw"], PRE_ID, "PrimusPre", shapes=[(40, 44, 38), (36, 40, 42)],
                           spacings=[(1.2, 1.0, 1.0), (1.0, 1.1, 0.9)])
     run_command(["nnUNetv2_plan_and_preprocess", "-d", PRE_ID, "-pl", "nnsslPlannerPrimusTiny", "-c", "3d_fullres",
                  "-np", 1, "-npfp", 1, "--no_pbar"])
+
+
+def test_primus_pretrain_resume_prepare_finetune_predict(nnunet_dirs, tmp_path):
+    plan_primus_pretraining_dataset(nnunet_dirs)
     plans = json.loads((nnunet_dirs["nnUNet_preprocessed"] / PRE / "nnsslPlansPrimusTiny.json").read_text())
     config = plans["configurations"]["3d_fullres"]
     assert config["architecture"] == PRIMUS_TINY.architecture() and config["patch_size"] == [64, 64, 64]
@@ -128,3 +134,17 @@ def test_primus_trainer_refuses_resenc_plans(tiny_pretraining_dataset):
     assert result.returncode != 0
     assert ("PrimusMAEPretrainTrainer pretrains a Primus, but the plans nnsslPlansTiny build "
             "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet") in result.stderr
+
+
+def test_primus_mae_under_ddp_keeps_the_ranks_in_sync(nnunet_dirs):
+    """2 ranks (batch 1 each): identical weights on both ranks after training (every parameter gets a gradient,
+    as nnU-Net's DDP wrapper with find_unused_parameters=False requires), one mask ratio stream, own patterns."""
+    plan_primus_pretraining_dataset(nnunet_dirs)
+    env = {variable: str(folder) for variable, folder in nnunet_dirs.items()}
+    result = nnssl_train(PRE_ID, "3d_fullres", "all", "-tr", "PrimusMAEPretrainTrainer", "-p", "nnsslPlansPrimusTiny",
+                         env={**env, **SMOKE_2})
+    sums = checksums(result.stdout, 2)
+    assert sums[0] == sums[1] and {"network", "decoder", "mask_token"} <= set(sums[0])
+    out = nnunet_dirs["nnUNet_results"] / PRE / "PrimusMAEPretrainTrainer__nnsslPlansPrimusTiny__3d_fullres" / \
+        "fold_all"
+    assert_mask_streams_per_rank(torch.load(out / "checkpoint_final.pth", map_location="cpu", weights_only=False))
