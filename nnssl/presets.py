@@ -6,7 +6,7 @@ get the identical architecture, so encoder weights transfer 1:1.
 """
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 RESENC_UNET_CLASS = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
 PRIMUS_CLASS = "dynamic_network_architectures.architectures.primus.Primus"
@@ -107,7 +107,7 @@ class PrimusPreset:
     def __post_init__(self) -> None:
         check_patch_embedding(self.patch_size, self.patch_embed_size, f"preset {self.name}")
 
-    def architecture(self, patch_size: Tuple[int, ...] = None) -> dict:
+    def architecture(self, patch_size: Optional[Tuple[int, ...]] = None) -> dict:
         """The ``architecture`` block of an nnU-Net plans configuration (``input_shape`` = the training patch)."""
         input_shape = [int(p) for p in (patch_size or self.patch_size)]
         check_patch_embedding(input_shape, self.patch_embed_size, f"preset {self.name}")
@@ -137,7 +137,7 @@ def check_patch_embedding(patch_size, patch_embed_size, source: str) -> None:
 PRIMUS_M = PrimusPreset(name="PrimusM", patch_size=(160, 160, 160), embed_dim=864, depth=16, num_heads=12,
                         batch_size=8)
 
-# CPU preset of the same family: 8^3 tokens at 64^3, embed 96 with 2 heads (head width 48, the smallest multiple of
-# 24 that EVA's 3D rotary embedding accepts), 2 blocks
+# CPU preset of the same family: 8^3 tokens at 64^3, embed 96 with 2 heads of width 48 (EVA's 3D rotary embedding
+# needs head widths that are multiples of 6; the MAE decoder's single head keeps the width), 2 blocks
 PRIMUS_TINY = PrimusPreset(name="PrimusTiny", patch_size=(64, 64, 64), embed_dim=96, depth=2, num_heads=2,
                            batch_size=2)

@@ -8,8 +8,6 @@ reconstruction figures and the checkpoint format are S3D's; the recipe is the re
 (``PRIMUS_MAE_RECIPE``: AdamW 3e-4, warm-up, poly).
 """
 
-from typing import Dict
-
 import torch
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import nn
@@ -52,10 +50,6 @@ class PrimusMAEPretrainTrainer(S3DPretrainTrainer):
 
     def wrap_network(self, network: nn.Module) -> nn.Module:
         return PrimusMAEModel(network, self.configuration_manager.patch_size, self.decoder)
-
-    def transferable_state_dict(self, model: nn.Module) -> Dict[str, torch.Tensor]:
-        """The plain dna Primus (patch embedding, EVA, patch decoder, its unused ``mask_token`` buffer)."""
-        return model.network.state_dict()
 
 
 class PrimusMAEPretrainTrainer_dynamic(PrimusMAEPretrainTrainer):
