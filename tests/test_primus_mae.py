@@ -135,3 +135,28 @@ def test_primus_m_preset_has_dna_primus_m_layout_and_loads_as_nnunet_master_does
     assert (plan["key_to_encoder"], plan["key_to_stem"], plan["keys_to_in_proj"], plan["key_to_lpe"]) == \
         ("eva", "down_projection", ["down_projection.proj"], "eva.pos_embed")
     assert nnunet_architecture(plan) == PRIMUS_M.architecture()
+
+
+def test_primus_mae_schedule_is_nnunets_primus_warmup_then_poly():
+    """The recipe's per-epoch LR equals nnU-Net's Primus schedule (``Lin_incr_LRScheduler`` over 50 of 1000
+    epochs, then ``PolyLRScheduler_offset``) at every epoch."""
+    from nnunetv2.training.lr_scheduler.warmup import Lin_incr_LRScheduler, PolyLRScheduler_offset
+
+    from nnssl.lr_schedule import EpochLRScheduler
+    from nnssl.methods.recipe import PRIMUS_MAE_RECIPE as recipe
+
+    def lrs(make, epochs):
+        optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=recipe.peak_lr)
+        scheduler = make(optimizer)
+        values = []
+        for epoch in epochs:
+            scheduler.step(epoch)
+            values.append(optimizer.param_groups[0]["lr"])
+        return values
+
+    ours = lrs(lambda o: EpochLRScheduler(o, recipe.peak_lr, recipe.warmup_fraction, recipe.decay, 1000), range(1000))
+    warmup = lrs(lambda o: Lin_incr_LRScheduler(o, recipe.peak_lr, 50), range(50))
+    decay = lrs(lambda o: PolyLRScheduler_offset(o, recipe.peak_lr, 1000, 50), range(50, 1000))
+    assert ours == pytest.approx(warmup + decay, rel=1e-12)
+    assert (recipe.optimizer, recipe.adamw_betas, recipe.weight_decay, recipe.gradient_clip_norm) == \
+        ("adamw", (0.9, 0.98), 5e-2, 1.0)
