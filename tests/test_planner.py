@@ -126,13 +126,22 @@ def test_header_only_fingerprint_matches_nnunet_geometry(nnunet_dirs):
     assert load_plans(nnunet_dirs, folder, "nnsslPlansTiny")["configurations"]["3d_fullres"]["spacing"] == [1.0] * 3
 
 
-def test_mini_preset_plans_the_tiny_network_at_one_and_a_half_millimetre(nnunet_dirs):
-    folder = write_labeled_dataset(nnunet_dirs["nnUNet_raw"], 16, "Mini", shapes=[(20, 24, 22), (22, 20, 24)],
+@pytest.mark.parametrize("name, dataset_id, spacing, patch, n_stages",
+                         [("Mini", 16, 1.5, 48, 5), ("Micro", 17, 2.0, 32, 4)])
+def test_probe_presets_plan_the_tiny_network_family_at_coarser_spacings(nnunet_dirs, name, dataset_id, spacing,
+                                                                         patch, n_stages):
+    folder = write_labeled_dataset(nnunet_dirs["nnUNet_raw"], dataset_id, name, shapes=[(20, 24, 22), (22, 20, 24)],
                                    spacings=[(1.0, 1.0, 1.0), (1.2, 0.9, 1.1)])
-    plan(16, "nnsslPlannerMini", "--no_pp")
-    config = load_plans(nnunet_dirs, folder, "nnsslPlansMini")["configurations"]["3d_fullres"]
-    assert config["spacing"] == [1.5, 1.5, 1.5] and config["patch_size"] == [48, 48, 48]
-    assert config["data_identifier"] == "nnsslPlansMini_3d_fullres"
+    plan(dataset_id, f"nnsslPlanner{name}", "--no_pp")
+    config = load_plans(nnunet_dirs, folder, f"nnsslPlans{name}")["configurations"]["3d_fullres"]
+    assert config["spacing"] == [spacing] * 3 and config["patch_size"] == [patch] * 3
+    assert config["data_identifier"] == f"nnsslPlans{name}_3d_fullres"
     from nnssl.presets import RESENC_TINY
 
-    assert config["architecture"] == RESENC_TINY.architecture()  # the tiny network, at another spacing and patch
+    kwargs = config["architecture"]["arch_kwargs"]
+    tiny = RESENC_TINY.architecture()["arch_kwargs"]
+    assert kwargs["features_per_stage"] == tiny["features_per_stage"][:n_stages]  # the tiny network's widths
+    assert kwargs["n_blocks_per_stage"] == tiny["n_blocks_per_stage"][:n_stages]
+    assert kwargs["n_stages"] == n_stages
+    same = [k for k, v in tiny.items() if not isinstance(v, list) and k != "n_stages"]  # convs, norms, nonlin
+    assert {k: kwargs[k] for k in same} == {k: tiny[k] for k in same}

@@ -5,7 +5,8 @@ from typing import Optional
 import torch.distributed as dist
 
 from nnssl.integration.environment import flag_from_environment
-from nnssl.integration.smoke_run import VALIDATION_TTA_OFF_VARIABLE, apply_schedule_overrides
+from nnssl.integration.smoke_run import (TORCH_THREADS_VARIABLE, VALIDATION_TTA_OFF_VARIABLE,
+                                         apply_schedule_overrides, apply_torch_threads_override)
 from nnssl.integration.seeding import SEED_VARIABLE, seed_from_environment, seed_process, seeded_augmenters, stream_seed
 
 
@@ -17,7 +18,8 @@ class nnsslTrainerMixin:
     length in it), then the ``nnssl_*`` smoke-run variables, which win over both;
     with ``nnssl_seed`` set, the process is seeded there too, and ``get_dataloaders`` builds seeded augmenters.
     ``nnssl_val_disable_tta=1`` validates without mirroring (8x faster on 3D; the checkpoint keeps its mirroring
-    axes, so ``nnUNetv2_predict`` still mirrors).
+    axes, so ``nnUNetv2_predict`` still mirrors); ``nnssl_torch_threads=N`` replaces nnU-Net's one torch thread
+    per core on the CPU.
     """
 
     fixed_num_epochs: Optional[int] = None
@@ -33,6 +35,9 @@ class nnsslTrainerMixin:
             applied = apply_schedule_overrides(self)
             if applied:
                 self.print_to_log_file(f"nnssl schedule overrides from the environment: {applied}")
+            threads = apply_torch_threads_override()
+            if threads is not None:
+                self.print_to_log_file(f"{TORCH_THREADS_VARIABLE}: torch uses {threads} intra-op thread(s)")
             seed = seed_from_environment()
             if seed is not None:
                 seed_process(stream_seed(seed, self.nnssl_rank))

@@ -5,9 +5,16 @@ writing a variant class. They are applied right before ``initialize()`` builds t
 the trainer's own defaults and over ``_5epochs``-style variants.
 """
 
+from typing import Optional
+
+import torch
+
 from nnssl.integration.environment import positive_int_from_environment
 
 VALIDATION_TTA_OFF_VARIABLE = "nnssl_val_disable_tta"
+# nnUNetv2_train -device cpu gives torch every core; on a machine shared with other jobs that oversubscribes it, and
+# OpenMP's spinning threads then made a 32^3 training step 8-25x slower (2 threads) than one thread (measured).
+TORCH_THREADS_VARIABLE = "nnssl_torch_threads"
 SCHEDULE_VARIABLES = {
     "nnssl_num_epochs": "num_epochs",
     "nnssl_iterations_per_epoch": "num_iterations_per_epoch",
@@ -24,3 +31,12 @@ def apply_schedule_overrides(trainer) -> dict:
             setattr(trainer, attribute, value)
             applied[attribute] = value
     return applied
+
+
+def apply_torch_threads_override() -> Optional[int]:
+    """``torch.set_num_threads`` from ``nnssl_torch_threads`` when set; returns the thread count torch now uses."""
+    threads = positive_int_from_environment(TORCH_THREADS_VARIABLE, None)
+    if threads is None:
+        return None
+    torch.set_num_threads(threads)
+    return torch.get_num_threads()
