@@ -32,7 +32,10 @@ from torch.nn.parallel import DistributedDataParallel
 from _common import base_parser, per_round_ratios, print_ratio_lines, print_table, run_interleaved, summarize
 from nnssl.integration.distributed import backend_for, configure_threads, per_rank_batch_size
 from nnssl.methods.masking import BlockMaskSampler
+from nnssl.presets import ResEncPreset
 from step_cost import PRESETS, Settings, prepare
+
+RESENC_PRESETS = {name: preset for name, preset in PRESETS.items() if isinstance(preset, ResEncPreset)}  # S3D steps
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,7 @@ def samples_per_second(case: Case, world_size: int) -> float:
 
 def main() -> None:
     parser = base_parser(__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--preset", choices=sorted(RESENC_PRESETS), default="tiny")
     parser.add_argument("--batch", type=int, default=None, help="global batch (default: the preset's plans batch; "
                                                                 "2 with --quick)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")

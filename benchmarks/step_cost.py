@@ -1,4 +1,5 @@
-"""Cost of one training step: S3D sparse MAE vs dense MAE vs nnU-Net's supervised step, same network/patch/batch.
+"""Cost of one training step: S3D sparse MAE vs dense MAE vs nnU-Net's supervised step, same network/patch/batch;
+and for Primus presets, the Primus MAE step (token dropping) vs nnU-Net's dense supervised Primus step.
 
 Why: the sparse emulation (re-masking after every conv/pool, masked InstanceNorm, densification) must cost little
 over the dense step, and users need steps/s and FLOP/s to estimate pretraining time on their GPU.
@@ -12,6 +13,12 @@ The optimiser is ``nnUNetTrainer.configure_optimizers`` for all three. Precision
 autocast (nnU-Net's step inherits the dtype from an enclosing autocast) or, with ``--no-bf16`` on CUDA, fp16 autocast
 with a GradScaler, which is what nnU-Net does by default; the CPU runs fp32 unless ``--bf16`` is given.
 
+Primus (``--preset primus_tiny|primus_m64|primus_m``): the MAE step is ``nnsslPretrainTrainer.train_step`` with
+``PrimusMAEPretrainTrainer``'s model (75 % of the tokens dropped before the EVA blocks) and loss; the supervised step is
+nnU-Net's own ``AbstractPrimus.train_step`` (clipping at 1, no deep supervision) on the same Primus with a 2-class
+head; both with the Primus MAE recipe's AdamW. FLOPs are also reported for the EVA encoder blocks alone, and
+``--primus-m-flops`` counts the full Primus-M at 160^3 on the meta device (too slow to time on a CPU).
+
 Usage: ``python benchmarks/step_cost.py --quick`` (tiny preset, 64^3, batch 2, CPU) or ``python benchmarks/step_cost.py``
 (ResEnc-L, 160^3, batch 6 on CUDA; batch 1 and fewer repeats on a CPU). Needs the installed package
 (``pip install --no-deps .``): the trainers and presets ship as ``nnssl.trainers`` / ``nnssl.plans``.
@@ -20,6 +27,7 @@ Usage: ``python benchmarks/step_cost.py --quick`` (tiny preset, 64^3, batch 2, C
 from __future__ import annotations
 
 import argparse
+import re
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from functools import partial
@@ -27,6 +35,7 @@ from typing import Callable, ContextManager
 
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.training.nnUNetTrainer.primus.primus_trainers import AbstractPrimus
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import nn
@@ -35,16 +44,30 @@ from torch.utils.flop_counter import FlopCounterMode
 from _common import (TrainerHost, base_parser, peak_memory_bytes, per_round_ratios, preset_configuration,
                      print_ratio_lines, print_table, run_interleaved, summarize, timed)
 from nnssl.methods.masking import BlockMaskSampler
-from nnssl.presets import RESENC_L, RESENC_TINY, ResEncPreset
+from nnssl.methods.primus_mae import visible_token_indices
+from nnssl.methods.recipe import PRIMUS_MAE_RECIPE
+from nnssl.presets import PRIMUS_M, PRIMUS_TINY, RESENC_L, RESENC_TINY, PrimusPreset, ResEncPreset
 from nnssl.methods.reconstruction_loss import masked_reconstruction_loss
+from nnssl.trainers.finetune import nnsslFinetuneTrainer
 from nnssl.trainers.pretraining import nnsslPretrainTrainer
+from nnssl.trainers.primus import PrimusMAEPretrainTrainer
 from nnssl.trainers.s3d import MAEPretrainTrainer, S3DPretrainTrainer
 
-PRESETS = {"tiny": RESENC_TINY, "resenc_l": RESENC_L}
+# primus_m64: Primus-M (embed 864, depth 16, 12 heads) at 64^3 (512 tokens), a size a CPU can time
+PRIMUS_M64 = replace(PRIMUS_M, name="PrimusM@64", patch_size=(64, 64, 64), batch_size=1)
+PRESETS = {"tiny": RESENC_TINY, "resenc_l": RESENC_L, "primus_tiny": PRIMUS_TINY, "primus_m64": PRIMUS_M64,
+           "primus_m": PRIMUS_M}
 # Dense bf16 tensor-core peaks in TFLOP/s, matched as substrings of torch.cuda.get_device_name (first match wins).
 PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
 SUPERVISED_CLASSES = 2  # background + one foreground label: the smallest segmentation head
 CASES = ("supervised", "dense_mae", "s3d")
+PRIMUS_CASES = ("primus_supervised", "primus_mae")
+EVA_BLOCK = re.compile(r"\.eva\.blocks\.\d+$")  # FlopCounterMode's name of an encoder block (not the decoder's)
+
+
+def cases_for(preset) -> tuple:
+    """The compared steps, the baseline first."""
+    return PRIMUS_CASES if isinstance(preset, PrimusPreset) else CASES
 
 
 class _Host(TrainerHost):
@@ -117,9 +140,28 @@ class _DenseMAEHost(_PretrainHost):
     wrap_network = MAEPretrainTrainer.wrap_network
 
 
+class _PrimusMAEHost(_PretrainHost):
+    """PrimusMAEPretrainTrainer's model, masks and recipe (AdamW) in the pretraining step."""
+
+    masking = PrimusMAEPretrainTrainer.masking
+    decoder = PrimusMAEPretrainTrainer.decoder
+    wrap_network = PrimusMAEPretrainTrainer.wrap_network
+    recipe = PRIMUS_MAE_RECIPE
+    configure_optimizers = nnsslPretrainTrainer.configure_optimizers
+
+
+class _PrimusSupervisedHost(_SupervisedHost):
+    """nnU-Net's own dense Primus step (AbstractPrimus: clipping at 1, one output), with the same AdamW."""
+
+    train_step = AbstractPrimus.train_step
+    enable_deep_supervision = False
+    recipe = PRIMUS_MAE_RECIPE
+    configure_optimizers = nnsslPretrainTrainer.configure_optimizers
+
+
 @dataclass
 class Settings:
-    preset: ResEncPreset
+    preset: ResEncPreset | PrimusPreset
     batch: int
     device: torch.device
     repeats: int = 5
@@ -139,8 +181,12 @@ def build_host(case: str, settings: Settings, device: torch.device) -> _Host:
         host = _SupervisedHost(device, cm, settings.compile)
         with torch.device(device):
             network = nnUNetTrainer.build_network_architecture(None, cm, 1, SUPERVISED_CLASSES, True)
+    elif case == "primus_supervised":
+        host = _PrimusSupervisedHost(device, cm, settings.compile)
+        with torch.device(device):
+            network = nnsslFinetuneTrainer.build_network_architecture(None, cm, 1, SUPERVISED_CLASSES, False)
     else:
-        host_class = _S3DHost if case == "s3d" else _DenseMAEHost
+        host_class = {"s3d": _S3DHost, "dense_mae": _DenseMAEHost, "primus_mae": _PrimusMAEHost}[case]
         host = host_class(device, cm, use_fp16=device.type == "cuda" and not settings.bf16)
         with torch.device(device):
             network = host.build_network_architecture(None, cm, 1, 1)
@@ -156,7 +202,10 @@ def make_batch(case: str, host: _Host, settings: Settings) -> dict:
     data = torch.randn(settings.batch, 1, *settings.preset.patch_size, generator=generator)
     if settings.channels_last:
         data = data.contiguous(memory_format=torch.channels_last_3d)
-    if case == "supervised":
+    if case == "primus_supervised":
+        target = torch.randint(0, SUPERVISED_CLASSES, (settings.batch, 1, *settings.preset.patch_size),
+                               generator=generator, dtype=torch.int16)
+    elif case == "supervised":
         shapes = [[round(p * s) for p, s in zip(settings.preset.patch_size, scale)]
                   for scale in host._get_deep_supervision_scales()]
         target = [torch.randint(0, SUPERVISED_CLASSES, (settings.batch, 1, *shape), generator=generator,
@@ -182,7 +231,7 @@ def prepare(case: str, settings: Settings) -> tuple[_Host, Callable[[], object]]
     host.optimizer, _ = host.configure_optimizers()
     if settings.compile:
         host.network = torch.compile(host.network)
-    if case == "supervised":
+    if case in ("supervised", "primus_supervised"):
         host.loss = host._build_loss()
         if settings.device.type == "cuda" and not settings.bf16:
             host.grad_scaler = torch.amp.GradScaler("cuda")
@@ -197,8 +246,18 @@ def prepare(case: str, settings: Settings) -> tuple[_Host, Callable[[], object]]
     return host, step
 
 
-def count_flops(case: str, preset: ResEncPreset, batch: int) -> int:
+def count_flops(case: str, preset: ResEncPreset | PrimusPreset, batch: int) -> int:
     """Convolution/matmul FLOPs of forward + loss + backward, counted on the meta device (no compute, no memory)."""
+    return flop_counter(case, preset, batch).get_total_flops()
+
+
+def encoder_flops(case: str, preset: PrimusPreset, batch: int) -> int:
+    """FLOPs (forward + backward) of the EVA encoder blocks alone."""
+    counts = flop_counter(case, preset, batch).get_flop_counts()
+    return sum(sum(ops.values()) for name, ops in counts.items() if EVA_BLOCK.search(name))
+
+
+def flop_counter(case: str, preset: ResEncPreset | PrimusPreset, batch: int) -> FlopCounterMode:
     meta = torch.device("meta")
     host = build_host(case, Settings(preset, batch, meta), meta)
     x = torch.empty(batch, 1, *preset.patch_size, device=meta)
@@ -208,11 +267,18 @@ def count_flops(case: str, preset: ResEncPreset, batch: int) -> int:
             outputs = host.network(x)
             targets = [torch.zeros(o.shape[0], 1, *o.shape[2:], device=meta) for o in outputs]
             loss = loss_fn(outputs, targets)
+        elif case == "primus_supervised":
+            loss = host._build_loss()(host.network(x), torch.zeros(batch, 1, *preset.patch_size, device=meta))
+        elif case == "primus_mae":
+            # the visible-token indices are data dependent: computed on the CPU and handed to the model
+            mask = host.mask_sampler.sample(batch, "cpu")
+            keep = visible_token_indices(mask, host.network.grid).to(meta)
+            loss = masked_reconstruction_loss(host.network(x, mask.to(meta), keep), x, mask.to(meta))
         else:
             mask = host.mask_sampler.sample(batch, "cpu").to(meta)
             loss = masked_reconstruction_loss(host.network(x, mask), x, mask)
         loss.backward()
-    return counter.get_total_flops()
+    return counter
 
 
 def device_peak_tflops(settings: Settings) -> float | None:
@@ -225,22 +291,24 @@ def device_peak_tflops(settings: Settings) -> float | None:
 
 
 def measure(settings: Settings) -> dict[str, list[float]]:
-    """Times and memory of the three steps, printed as a table; returns the per-round headline ratios."""
+    """Times and memory of the compared steps, printed as a table; returns the per-round headline ratios."""
+    cases = cases_for(settings.preset)
+    baseline = cases[0]
     steps = {}
-    for case in CASES:
+    for case in cases:
         _, step = prepare(case, settings)
         for _ in range(settings.warmup):
             step()
         steps[case] = step
-    times = run_interleaved({case: partial(timed, steps[case], settings.device) for case in CASES}, settings.repeats)
-    memory = {case: peak_memory_bytes(steps[case], settings.device) for case in CASES}  # one extra step each
-    flops = {case: count_flops(case, settings.preset, settings.batch) for case in CASES}
+    times = run_interleaved({case: partial(timed, steps[case], settings.device) for case in cases}, settings.repeats)
+    memory = {case: peak_memory_bytes(steps[case], settings.device) for case in cases}  # one extra step each
+    flops = {case: count_flops(case, settings.preset, settings.batch) for case in cases}
     peak = device_peak_tflops(settings)
 
     rows = []
-    for case in CASES:
+    for case in cases:
         seconds = summarize(times[case])
-        vs_supervised = summarize(per_round_ratios(times[case], times["supervised"]))
+        vs_supervised = summarize(per_round_ratios(times[case], times[baseline]))
         achieved = flops[case] / seconds.median / 1e12
         rows.append([case, seconds.format(1e3), vs_supervised.format(),
                      f"{memory[case] / 2**20:.0f}", f"{flops[case] / settings.batch / 1e9:.1f}",
@@ -253,11 +321,22 @@ def measure(settings: Settings) -> dict[str, list[float]]:
                 f"{', channels-last' if settings.channels_last else ''}{', compiled' if settings.compile else ''}; "
                 f"{settings.repeats} interleaved rounds, median [min..max]",
                 ["step", "ms/step", "x supervised", "peak MiB", "GFLOP/sample", "TFLOP/s", "% of peak"], rows)
-    print("FLOP x supervised: " + ", ".join(f"{case} {flops[case] / flops['supervised']:.3f}" for case in CASES[1:])
-          + " (S3D's extra FLOPs are its densification convs; time beyond that is the sparse emulation)")
+    print("FLOP x supervised: " + ", ".join(f"{case} {flops[case] / flops[baseline]:.3f}" for case in cases[1:])
+          + (" (S3D's extra FLOPs are its densification convs; time beyond that is the sparse emulation)"
+             if baseline == "supervised" else ""))
     print(f"peak MiB: tensor memory above the level before the step ("
           f"{'CUDA allocator' if settings.device.type == 'cuda' else 'torch profiler'}, one step); % of peak: of "
           f"{f'{peak:g} TFLOP/s dense bf16' if peak else 'an unknown device peak (give --peak-tflops)'}")
+    if baseline == "primus_supervised":
+        encoder = {case: encoder_flops(case, settings.preset, settings.batch) for case in cases}
+        print(f"EVA encoder GFLOP/sample: dense {encoder[baseline] / settings.batch / 1e9:.1f}, MAE "
+              f"{encoder['primus_mae'] / settings.batch / 1e9:.1f} (x{encoder['primus_mae'] / encoder[baseline]:.3f})")
+        return {
+            "primus_mae_step_vs_primus_supervised_step": per_round_ratios(times["primus_mae"], times[baseline]),
+            "primus_mae_flops_vs_primus_supervised": [flops["primus_mae"] / flops[baseline]],
+            "primus_mae_encoder_flops_vs_primus_supervised": [encoder["primus_mae"] / encoder[baseline]],
+            "primus_mae_peak_memory_vs_primus_supervised": [memory["primus_mae"] / memory[baseline]],
+        }
     return {
         "s3d_step_vs_supervised_step": per_round_ratios(times["s3d"], times["supervised"]),
         "s3d_step_vs_dense_mae_step": per_round_ratios(times["s3d"], times["dense_mae"]),
@@ -273,7 +352,17 @@ def report_reference_flops() -> None:
                 "and matmuls)", ["step", "TFLOP/sample"], rows)
 
 
-def parse_settings(argv: list[str] | None = None) -> Settings:
+def report_primus_m_flops() -> None:
+    """The full Primus-M at 160^3 (8000 tokens): counted on the meta device, whole step and EVA encoder alone."""
+    rows = []
+    for case in PRIMUS_CASES:
+        rows.append([case, f"{count_flops(case, PRIMUS_M, 1) / 1e12:.2f}",
+                     f"{encoder_flops(case, PRIMUS_M, 1) / 1e12:.2f}"])
+    print_table("FLOP count per sample, Primus-M 160^3, forward + backward (torch FlopCounterMode: convolutions and "
+                "matmuls, attention included)", ["step", "TFLOP/sample", "EVA encoder TFLOP/sample"], rows)
+
+
+def parse_settings(argv: list[str] | None = None) -> tuple[Settings, bool]:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: tiny with --quick, "
                                                                                  "else resenc_l")
@@ -290,6 +379,8 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
                              "and competing OpenMP threads make timings erratic; else torch's default)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device's dense bf16 peak, for the "
                                                                         "efficiency column")
+    parser.add_argument("--primus-m-flops", action="store_true",
+                        help="after the timing, count the FLOPs of the full Primus-M at 160^3 (meta device)")
     args = parser.parse_args(argv)
     if args.device is None:
         args.device = "cpu" if args.quick or not torch.cuda.is_available() else "cuda"
@@ -311,14 +402,19 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
     threads = args.threads or (1 if args.quick else None)
     if threads is not None:
         torch.set_num_threads(threads)
-    return Settings(preset, batch, device, repeats, warmup, bf16, args.channels_last, args.compile,
-                    args.peak_tflops, args.seed)
+    settings = Settings(preset, batch, device, repeats, warmup, bf16, args.channels_last, args.compile,
+                        args.peak_tflops, args.seed)
+    return settings, args.primus_m_flops
 
 
 def main() -> None:
-    settings = parse_settings()
+    settings, primus_m_flops = parse_settings()
     ratios = measure(settings)
-    report_reference_flops()
+    if isinstance(settings.preset, PrimusPreset):
+        if primus_m_flops:
+            report_primus_m_flops()
+    else:
+        report_reference_flops()
     print_ratio_lines(ratios)
 
 

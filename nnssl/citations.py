@@ -40,6 +40,13 @@ RESENC = Citation(
     "@inproceedings{isensee2024nnu, title={nnU-Net Revisited: A Call for Rigorous Validation in 3D Medical Image "
     "Segmentation}, author={Isensee, Fabian and Wald, Tassilo and Ulrich, Constantin and others}, "
     "booktitle={MICCAI}, year={2024}}")
+PRIMUS = Citation(
+    "architecture", "Primus",
+    "Wald T, Roy S, Isensee F, Ulrich C, Ziegler S, Trofimova D, et al. Primus: Enforcing Attention Usage for 3D "
+    "Medical Image Segmentation. arXiv:2503.01835 (2025).",
+    "@article{wald2025primus, title={Primus: Enforcing Attention Usage for 3D Medical Image Segmentation}, "
+    "author={Wald, Tassilo and Roy, Saikat and Isensee, Fabian and Ulrich, Constantin and Ziegler, Sebastian and "
+    "Trofimova, Dasha and others}, journal={arXiv preprint arXiv:2503.01835}, year={2025}}")
 OPENMIND = Citation(
     "pretraining framework", "nnssl (OpenMind)",
     "Wald T, Ulrich C, et al. An OpenMind for 3D medical vision self-supervised learning. arXiv:2412.17041 (2024).",

@@ -1,13 +1,15 @@
-"""The fixed network presets of nnssl: ResEnc-L exactly as in the S3D paper, and a tiny CPU preset of the same family.
+"""The fixed network presets of nnssl: ResEnc-L exactly as in the S3D paper, Primus-M as nnU-Net's Primus trainer
+builds it, and tiny CPU presets of both families.
 
 The presets are independent of any dataset: pretraining and every downstream dataset planned with the same preset
 get the identical architecture, so encoder weights transfer 1:1.
 """
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 RESENC_UNET_CLASS = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
+PRIMUS_CLASS = "dynamic_network_architectures.architectures.primus.Primus"
 
 
 @dataclass(frozen=True)
@@ -91,3 +93,63 @@ RESENC_MICRO = ResEncPreset(
     batch_size=2,
     spacing=(2.0, 2.0, 2.0),
 )
+
+
+@dataclass(frozen=True)
+class PrimusPreset:
+    """A Primus (patch embedding + EVA transformer + patch decoder) and the patch and batch it is trained with.
+
+    ``drop_path_rate``, ``scale_attn_inner`` and ``init_values`` are those of nnU-Net's ``nnUNet_Primus_M_Trainer``;
+    the last two decide the state-dict layout (attention norms, layer-scale ``gamma`` tensors), which therefore equals
+    dna's ``PrimusM`` that nnU-Net's master branch builds for a pretrained "PrimusM".
+    """
+
+    name: str
+    patch_size: Tuple[int, int, int]
+    embed_dim: int
+    depth: int
+    num_heads: int
+    batch_size: int
+    patch_embed_size: Tuple[int, int, int] = (8, 8, 8)
+    drop_path_rate: float = 0.2
+    scale_attn_inner: bool = True
+    init_values: float = 0.1
+    spacing: Tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+    def __post_init__(self) -> None:
+        check_patch_embedding(self.patch_size, self.patch_embed_size, f"preset {self.name}")
+
+    def architecture(self, patch_size: Optional[Tuple[int, ...]] = None) -> dict:
+        """The ``architecture`` block of an nnU-Net plans configuration (``input_shape`` = the training patch)."""
+        input_shape = [int(p) for p in (patch_size or self.patch_size)]
+        check_patch_embedding(input_shape, self.patch_embed_size, f"preset {self.name}")
+        return {
+            "network_class_name": PRIMUS_CLASS,
+            "arch_kwargs": {
+                "embed_dim": self.embed_dim,
+                "patch_embed_size": list(self.patch_embed_size),
+                "eva_depth": self.depth,
+                "eva_numheads": self.num_heads,
+                "input_shape": input_shape,
+                "drop_path_rate": self.drop_path_rate,
+                "scale_attn_inner": self.scale_attn_inner,
+                "init_values": self.init_values,
+            },
+            "_kw_requires_import": [],
+        }
+
+
+def check_patch_embedding(patch_size, patch_embed_size, source: str) -> None:
+    """A Primus tokenises the patch into ``patch_embed_size`` cubes: every axis must be a multiple (dna only asserts)."""
+    if len(patch_size) != 3 or any(int(p) % int(e) for p, e in zip(patch_size, patch_embed_size)):
+        raise ValueError(f"{source}: patch size {list(patch_size)} is not divisible by the Primus patch embedding "
+                         f"{list(patch_embed_size)} on every axis; choose a patch size that is a multiple of it.")
+
+
+PRIMUS_M = PrimusPreset(name="PrimusM", patch_size=(160, 160, 160), embed_dim=864, depth=16, num_heads=12,
+                        batch_size=8)
+
+# CPU preset of the same family: 8^3 tokens at 64^3, embed 96 with 2 heads of width 48 (EVA's 3D rotary embedding
+# needs head widths that are multiples of 6; the MAE decoder's single head keeps the width), 2 blocks
+PRIMUS_TINY = PrimusPreset(name="PrimusTiny", patch_size=(64, 64, 64), embed_dim=96, depth=2, num_heads=2,
+                           batch_size=2)

@@ -1,4 +1,5 @@
-"""``nnsslPlanner`` / ``nnsslPlannerTiny``: fixed 1 mm ResEnc plans for ``nnUNetv2_plan_and_preprocess -pl``.
+"""``nnsslPlanner`` / ``nnsslPlannerTiny`` (ResEnc) and ``nnsslPlannerPrimus`` / ``nnsslPlannerPrimusTiny`` (Primus):
+fixed 1 mm plans for ``nnUNetv2_plan_and_preprocess -pl``.
 
 Unlike nnU-Net's planners nothing here depends on the dataset's shapes: every dataset (unlabeled pretraining data
 or a labeled downstream task) gets the same single ``3d_fullres`` configuration, so pretrained encoders transfer.
@@ -16,7 +17,8 @@ from nnunetv2.paths import nnUNet_preprocessed
 from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
 
 from nnssl.integration.environment import positive_int_from_environment
-from nnssl.presets import RESENC_L, RESENC_MICRO, RESENC_MINI, RESENC_TINY, ResEncPreset
+from nnssl.presets import (PRIMUS_M, PRIMUS_TINY, RESENC_L, RESENC_MICRO, RESENC_MINI, RESENC_TINY, PrimusPreset,
+                           ResEncPreset)
 
 BATCH_SIZE_VARIABLE = "nnssl_batch_size"
 CONFIGURATION = "3d_fullres"
@@ -25,7 +27,7 @@ CONFIGURATION = "3d_fullres"
 class nnsslPlanner(ExperimentPlanner):
     """ResEnc-L at 1x1x1 mm, z-score, patch 160^3, batch 6 (``nnssl_batch_size`` overrides), plans ``nnsslPlans``."""
 
-    preset: ResEncPreset = RESENC_L
+    preset: Union[ResEncPreset, PrimusPreset] = RESENC_L
     default_plans_name = "nnsslPlans"
 
     def __init__(self, dataset_name_or_id: Union[str, int], gpu_memory_target_in_gb: float = 8,
@@ -135,3 +137,19 @@ class nnsslPlannerMicro(nnsslPlanner):
 
     preset = RESENC_MICRO
     default_plans_name = "nnsslPlansMicro"
+
+
+class nnsslPlannerPrimus(nnsslPlanner):
+    """Primus-M (embed 864, 8^3 patch embedding, 16 EVA blocks, 12 heads; nnU-Net's Primus-M trainer's settings) at
+    1x1x1 mm, z-score, patch 160^3, batch 8: plans ``nnsslPlansPrimus``."""
+
+    preset = PRIMUS_M
+    default_plans_name = "nnsslPlansPrimus"
+
+
+class nnsslPlannerPrimusTiny(nnsslPlanner):
+    """The Primus family at CPU size (1 mm, patch 64^3, 8^3 tokens, embed 96, 2 blocks, 2 heads, batch 2): plans
+    ``nnsslPlansPrimusTiny``."""
+
+    preset = PRIMUS_TINY
+    default_plans_name = "nnsslPlansPrimusTiny"

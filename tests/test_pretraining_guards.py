@@ -76,6 +76,9 @@ def test_loss_region_excludes_anonymised_voxels_and_can_restrict_to_anatomy():
     ({"gradient_clip_norm": 0.0}, "gradient_clip_norm must be positive or None"),
     ({"num_epochs": 0}, "num_epochs must be at least 1"),
     ({"max_nonfinite_losses_per_epoch": -1}, "max_nonfinite_losses_per_epoch must be >= 0"),
+    ({"optimizer": "adam"}, "optimizer must be one of ('sgd', 'adamw'), not 'adam'"),
+    ({"decay": "step"}, "decay must be one of ('poly', 'cosine'), not 'step'"),
+    ({"warmup_fraction": 1.0}, "warmup_fraction must lie in [0, 1), not 1.0"),
 ])
 def test_invalid_pretraining_recipes_are_refused(change, message):
     with pytest.raises(ValueError, match=re.escape(message)):

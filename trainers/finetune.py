@@ -4,7 +4,9 @@
 the one recorded in the plans (``nnssl_pretrained.checkpoint``) or, overriding it, the ``nnssl_pretrained_checkpoint``
 environment variable. Stem and encoder are transferred by the adaptation plan's prefixes, the decoder starts fresh.
 Each trainer is one ``FinetuneRecipe`` (``nnssl/finetuning/recipe.py``); the README's fine-tuning table lists them and
-the measurements that chose the default.
+the measurements that chose the default. On Primus plans a trainer uses its ``primus_recipe`` instead (nnU-Net's
+Primus schedule for ``nnsslFinetuneTrainer``, its from-scratch twin for ``_scratch``); trainers whose recipe is
+U-Net specific have none and refuse Primus plans.
 """
 
 import os
@@ -12,12 +14,16 @@ from dataclasses import replace
 from typing import Optional
 
 import torch
+from torch import nn
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnssl import citations
+from nnssl.architectures import is_primus, network_from_configuration, transferable_prefixes
+from nnssl.finetuning.adaptation_plan import is_primus_plan
 from nnssl.integration.checkpoint import unwrap
+from nnssl.integration.patching import replaced_attribute
 from nnssl.finetuning.augmentation import spatial_only_training_transforms
-from nnssl.finetuning.recipe import DEFAULT_RECIPE, PAPER_RECIPE, FinetuneRecipe
+from nnssl.finetuning.recipe import DEFAULT_RECIPE, PAPER_RECIPE, PRIMUS_RECIPE, FinetuneRecipe
 from nnssl.finetuning.schedule import FinetuneSchedule
 from nnssl.finetuning.transfer import PretrainedWeightsError, load_pretrained_checkpoint, transfer_pretrained_weights
 from nnssl.trainers.base import nnsslTrainerMixin
@@ -46,16 +52,42 @@ class FinetuneLRController:
 
 class nnsslFinetuneTrainer(nnsslTrainerMixin, nnUNetTrainer):
     recipe: FinetuneRecipe = DEFAULT_RECIPE
+    primus_recipe: Optional[FinetuneRecipe] = PRIMUS_RECIPE
 
     def __init__(self, plans: dict, configuration: str, fold, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
+        self.recipe = self.recipe_for_plans()
         self.initial_lr = self.recipe.peak_lr  # what nnU-Net's own code (logging, plots) reads
+        self.weight_decay = self.recipe.weight_decay
         self.num_epochs = self.recipe.num_epochs
         self.enable_deep_supervision = self.recipe.deep_supervision
         self.schedule: Optional[FinetuneSchedule] = None
         self._iteration_in_epoch = 0
         self.restored_from_checkpoint = False
+
+    def recipe_for_plans(self) -> FinetuneRecipe:
+        """``recipe`` for U-Net plans, ``primus_recipe`` for Primus plans."""
+        network_class = self.configuration_manager.network_arch_class_name
+        if not is_primus(network_class):
+            return self.recipe
+        if self.primus_recipe is None:
+            raise RuntimeError(f"{self.__class__.__name__} is a U-Net recipe and the plans "
+                               f"{self.plans_manager.plans_name} build a Primus; fine-tune a Primus with "
+                               f"nnsslFinetuneTrainer (nnU-Net's Primus schedule) or nnsslFinetuneTrainer_scratch.")
+        return self.primus_recipe
+
+    @staticmethod
+    def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
+                                   num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
+        """nnU-Net's network from the plans, Primus included (also what ``nnUNetv2_predict`` builds)."""
+        return network_from_configuration(configuration_manager, num_input_channels, num_output_channels,
+                                          enable_deep_supervision)
+
+    def set_deep_supervision_enabled(self, enabled: bool):
+        """A Primus has no U-Net decoder to switch (and never deep supervision)."""
+        if hasattr(unwrap(self.network), "decoder"):
+            super().set_deep_supervision_enabled(enabled)
 
     @property
     def global_step(self) -> int:
@@ -67,7 +99,8 @@ class nnsslFinetuneTrainer(nnsslTrainerMixin, nnUNetTrainer):
         network = unwrap(self.network)
         if not self.recipe.deep_supervision:
             freeze_unused_deep_supervision_heads(network)
-        encoder_ids = {id(p) for p in network.encoder.parameters()}
+        encoder_ids = {id(p) for prefix in transferable_prefixes(network)
+                       for p in network.get_submodule(prefix).parameters()}
         # decoder group first: nnU-Net logs and plots param_groups[0]'s LR, i.e. the schedule's LR
         groups = [
             {"params": [p for p in network.parameters() if id(p) not in encoder_ids], "nnssl_part": "decoder"},
@@ -75,7 +108,7 @@ class nnsslFinetuneTrainer(nnsslTrainerMixin, nnUNetTrainer):
         ]
         if self.recipe.optimizer == "adamw":
             optimizer = torch.optim.AdamW(groups, lr=self.recipe.peak_lr, weight_decay=self.weight_decay,
-                                          amsgrad=True, eps=1e-8)
+                                          betas=self.recipe.adamw_betas, amsgrad=self.recipe.amsgrad, eps=1e-8)
         else:
             optimizer = torch.optim.SGD(groups, lr=self.recipe.peak_lr, weight_decay=self.weight_decay,
                                         momentum=0.99, nesterov=True)
@@ -100,7 +133,12 @@ class nnsslFinetuneTrainer(nnsslTrainerMixin, nnUNetTrainer):
             self._reset_encoder_optimizer_state()
         self.lr_scheduler.set(self.global_step)
         self._iteration_in_epoch += 1
-        return super().train_step(batch)
+        with replaced_attribute(torch.nn.utils, "clip_grad_norm_", self._clip_at_recipe_norm):
+            return super().train_step(batch)
+
+    def _clip_at_recipe_norm(self, parameters, _nnunet_max_norm, *args, **kwargs):
+        """nnU-Net's train_step clips at a hard-coded 12; the recipe's norm replaces it (1 for Primus)."""
+        return _CLIP_GRAD_NORM(parameters, self.recipe.gradient_clip_norm, *args, **kwargs)
 
     def get_training_transforms(self, *args, **kwargs):
         if self.recipe.spatial_only_augmentation:
@@ -134,48 +172,74 @@ class nnsslFinetuneTrainer(nnsslTrainerMixin, nnUNetTrainer):
                 f" For training from scratch with the same recipe use nnsslFinetuneTrainer_scratch.")
         checkpoint = load_pretrained_checkpoint(path)
         plan = checkpoint.get("nnssl_adaptation_plan") or self.plans_manager.plans.get("nnssl_pretrained") or {}
+        self._check_same_family(plan, path)
         report = transfer_pretrained_weights(unwrap(self.network), checkpoint["network_weights"], plan,
                                              self.recipe.transfer_parts, source=os.path.basename(path))
         self.print_to_log_file(f"Pretrained weights from {path} ({checkpoint.get('trainer_name', 'unknown trainer')}):")
         for line in report.lines():
             self.print_to_log_file("  " + line)
         references = [*(checkpoint.get("citations") or []),
-                      *citations.checkpoint_entries([citations.S3D, citations.NNUNET])]
+                      *citations.checkpoint_entries([citations.PRIMUS if is_primus_plan(plan) else citations.S3D,
+                                                     citations.NNUNET])]
         self.print_to_log_file("Please cite:\n  " + "\n  ".join(citations.apa_lines(references)))
+
+
+    def _check_same_family(self, adaptation_plan: dict, path: str) -> None:
+        """A Primus checkpoint needs Primus plans and a U-Net checkpoint U-Net plans (said before any key error)."""
+        if "architecture_plans" not in adaptation_plan:
+            return
+        checkpoint_primus = is_primus_plan(adaptation_plan)
+        if checkpoint_primus != is_primus(self.configuration_manager.network_arch_class_name):
+            kind = "a Primus (transformer)" if checkpoint_primus else "a U-Net (CNN)"
+            raise PretrainedWeightsError(
+                f"{path} is {kind} checkpoint ({adaptation_plan['architecture_plans']['arch_class_name']}), but the "
+                f"plans {self.plans_manager.plans_name} build "
+                f"{self.configuration_manager.network_arch_class_name.rsplit('.', 1)[-1]}. Plan the dataset for this "
+                f"checkpoint with 'nnssl_prepare_finetune -d ID -c {path}' and train with its plans.")
+
+
+_CLIP_GRAD_NORM = torch.nn.utils.clip_grad_norm_
 
 
 class nnsslFinetuneTrainer_paper(nnsslFinetuneTrainer):
     """The S3D paper's best full-length recipe: peak LR 1e-3, deep supervision off, 5 % + 5 % warm-ups."""
 
     recipe = PAPER_RECIPE
+    primus_recipe = None
 
 
 class nnsslFinetuneTrainer_lr1e3(nnsslFinetuneTrainer):
     recipe = replace(DEFAULT_RECIPE, peak_lr=1e-3)
+    primus_recipe = None
 
 
 class nnsslFinetuneTrainer_noDS(nnsslFinetuneTrainer):
     recipe = replace(DEFAULT_RECIPE, deep_supervision=False)
+    primus_recipe = None
 
 
 class nnsslFinetuneTrainer_singlewarmup(nnsslFinetuneTrainer):
     """One whole-network warm-up, then decay (nnU-Net's nnssl ``PretrainedTrainer`` shape)."""
 
     recipe = replace(DEFAULT_RECIPE, decoder_warmup_fraction=0.0)
+    primus_recipe = None
 
 
 class nnsslFinetuneTrainer_encdec(nnsslFinetuneTrainer):
     recipe = replace(DEFAULT_RECIPE, transfer_parts=("stem", "encoder", "decoder"), decoder_warmup_fraction=0.0)
+    primus_recipe = None
 
 
 class nnsslFinetuneTrainer_frozen(nnsslFinetuneTrainer):
     recipe = replace(DEFAULT_RECIPE, freeze_encoder_throughout=True)
+    primus_recipe = None
 
 
 class nnsslFinetuneTrainer_150ep(nnsslFinetuneTrainer):
     """The paper's shortened schedule (Table 8): 150 epochs, 50 + 50 of them warm-ups, 50 of decay."""
 
     recipe = replace(PAPER_RECIPE, num_epochs=150, decoder_warmup_fraction=1 / 3, full_warmup_fraction=1 / 3)
+    primus_recipe = None
 
 
 class nnsslFinetuneTrainer_amaes(nnsslFinetuneTrainer):
@@ -183,18 +247,22 @@ class nnsslFinetuneTrainer_amaes(nnsslFinetuneTrainer):
 
     recipe = replace(DEFAULT_RECIPE, peak_lr=1e-4, optimizer="adamw", decay="cosine", deep_supervision=False,
                      decoder_warmup_fraction=0.0, full_warmup_fraction=0.0, spatial_only_augmentation=True)
+    primus_recipe = None
 
 
 class nnsslFinetuneTrainer_scratch(nnsslFinetuneTrainer):
-    """The default recipe from random initialisation (an ablation of the pretrained weights, not a baseline)."""
+    """The default recipe from random initialisation (an ablation of the pretrained weights, not a baseline); on
+    Primus plans nnU-Net's Primus schedule from scratch (AdamW 3e-4, as ``nnUNet_Primus_M_Trainer``)."""
 
     recipe = DEFAULT_RECIPE.from_scratch()
+    primus_recipe = PRIMUS_RECIPE.from_scratch()
 
 
 class nnsslFinetuneTrainer_paper_scratch(nnsslFinetuneTrainer):
     """The paper recipe from random initialisation (the same-recipe twin of ``_paper``)."""
 
     recipe = PAPER_RECIPE.from_scratch()
+    primus_recipe = None
 
 
 for _trainer in (nnsslFinetuneTrainer, nnsslFinetuneTrainer_scratch):

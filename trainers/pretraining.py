@@ -5,7 +5,7 @@ the loss of a batch (``compute_loss``) and which weights are transferable
 (``transferable_state_dict``). This base class provides what every method shares:
 
 * the pretraining recipe (``nnssl/methods/recipe.py``: SGD 1e-2, Nesterov 0.99, wd 3e-5, poly decay, clipping at 12,
-  1000 x 250 iterations);
+  1000 x 250 iterations; or AdamW with a linear warm-up, as the Primus recipe);
 * bf16 autocast on CUDA (a recipe with ``precision="fp16"`` uses fp16 with a GradScaler), fp32 on CPU;
 * validation = the pretraining loss on held-out patches; ``checkpoint_best.pth`` = lowest validation loss; no
   segmentation validation after training;
@@ -29,9 +29,9 @@ from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_p
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.collate_outputs import collate_outputs
-from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
 from nnssl import citations
+from nnssl.architectures import network_from_configuration
 from nnssl.augmentation import PRETRAINING_ROTATION, PRETRAINING_SCALING, spatial_transforms
 from nnssl.citations import Citation
 from nnssl.device_augmentation import DeviceSpatialAugmentation, SpatialAugmentationConfig
@@ -42,6 +42,7 @@ from nnssl.integration.distributed import gather_from_all_ranks
 from nnssl.integration.patching import replaced_attribute
 from nnssl.integration.pretraining_loader import PretrainingDataLoader
 from nnssl.integration.seeding import DEVICE_AUGMENTATION_STREAM, seeded_stream
+from nnssl.lr_schedule import EpochLRScheduler
 from nnssl.methods.recipe import PRETRAIN_RECIPE, PretrainRecipe
 from nnssl.methods.reconstruction_figure import save_reconstruction_png
 from nnssl.trainers.base import nnsslTrainerMixin
@@ -112,14 +113,29 @@ class nnsslPretrainTrainer(nnsslTrainerMixin, nnUNetTrainer):
     # ------------------------------------------------------------------------------------------------ network & data
     def build_network_architecture(self, plans_manager, configuration_manager, num_input_channels: int,
                                    num_output_channels: int, enable_deep_supervision: bool = False) -> nn.Module:
-        network = get_network_from_plans(
-            configuration_manager.network_arch_class_name,
-            configuration_manager.network_arch_init_kwargs,
-            configuration_manager.network_arch_init_kwargs_req_import,
-            num_input_channels, self.num_output_channels(num_input_channels),
-            allow_init=True, deep_supervision=False)
+        network = network_from_configuration(configuration_manager, num_input_channels,
+                                             self.num_output_channels(num_input_channels), deep_supervision=False)
         freeze_unused_deep_supervision_heads(network)
         return self.wrap_network(network)
+
+    def configure_optimizers(self):
+        """nnU-Net's SGD + poly for the SGD recipe without warm-up (as before recipes had a choice); otherwise the
+        recipe's optimizer with a per-epoch linear warm-up then decay (all parameters, one LR)."""
+        recipe = self.recipe
+        if recipe.optimizer == "sgd" and recipe.warmup_fraction == 0 and recipe.decay == "poly":
+            return super().configure_optimizers()
+        parameters = self.network.parameters()
+        if recipe.optimizer == "adamw":
+            optimizer = torch.optim.AdamW(parameters, lr=recipe.peak_lr, weight_decay=recipe.weight_decay,
+                                          betas=recipe.adamw_betas)
+        else:
+            optimizer = torch.optim.SGD(parameters, lr=recipe.peak_lr, weight_decay=recipe.weight_decay,
+                                        momentum=0.99, nesterov=True)
+        scheduler = EpochLRScheduler(optimizer, recipe.peak_lr, recipe.warmup_fraction, recipe.decay,
+                                     self.num_epochs)
+        self.print_to_log_file(f"Optimizer {recipe.optimizer} (weight decay {recipe.weight_decay}, gradient clipping "
+                               f"at {recipe.gradient_clip_norm}): {scheduler.describe()}")
+        return optimizer, scheduler
 
     def num_output_channels(self, num_input_channels: int) -> int:
         """Reconstruction methods predict every input channel."""

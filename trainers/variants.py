@@ -28,8 +28,11 @@ def define_epoch_variants(base: type, namespace: Dict[str, object],
         })
 
 
+RECIPE_ATTRIBUTES = ("recipe", "primus_recipe")  # fine-tuning trainers carry one recipe per architecture family
+
+
 def length_attributes(base: type, epochs: int) -> Dict[str, object]:
-    recipe = getattr(base, "recipe", None)
-    if recipe is not None:
-        return {"recipe": replace(recipe, num_epochs=epochs)}
+    recipes = {name: getattr(base, name) for name in RECIPE_ATTRIBUTES if getattr(base, name, None) is not None}
+    if recipes:
+        return {name: replace(recipe, num_epochs=epochs) for name, recipe in recipes.items()}
     return {"fixed_num_epochs": epochs}

@@ -4,9 +4,12 @@ Downstream code (ours, nnssl's, nnU-Net's development-branch ``nnUNetv2_preproce
 the pretrained architecture, to preprocess a labeled dataset like the pretraining data, and to know which
 state-dict prefixes hold the transferable stem and encoder.
 
-We always write the dynamic form (``arch_class_name`` "ResidualEncoderUNet" plus ``arch_kwargs``): nnU-Net's
-development branch copies these fields into its plans and resolves the class by name, which fails for nnssl's
-preset names ("ResEncL" with null kwargs). When reading, the published presets are accepted too.
+For U-Nets we always write the dynamic form (``arch_class_name`` "ResidualEncoderUNet" plus ``arch_kwargs``):
+nnU-Net's development branch copies these fields into its plans and resolves the class by name, which fails for
+nnssl's preset names ("ResEncL" with null kwargs). For a Primus it is the other way round: that branch builds only
+the presets by name ("PrimusM" with null kwargs, via dna's ``PrimusM``), so the Primus-M preset is written by name
+and any other Primus (the tiny CPU preset) in the dynamic form "Primus" + kwargs, which only nnssl reads. When
+reading, the published presets are accepted too.
 """
 
 import copy
@@ -17,10 +20,32 @@ KEY_TO_ENCODER = "encoder.stages"
 KEY_TO_STEM = "encoder.stem"
 KEYS_TO_IN_PROJ = ("encoder.stem.convs.0.conv", "encoder.stem.convs.0.all_modules.0")
 PRESET_NAMES = {"ResEncL": "RESENC_L"}
+# dna Primus's own declarations (Primus.key_to_encoder / key_to_stem / keys_to_in_proj / key_to_lpe)
+PRIMUS_KEYS = {"key_to_encoder": "eva", "key_to_stem": "down_projection", "keys_to_in_proj": ["down_projection.proj"],
+               "key_to_lpe": "eva.pos_embed"}
+UNET_KEYS = {"key_to_encoder": KEY_TO_ENCODER, "key_to_stem": KEY_TO_STEM, "keys_to_in_proj": list(KEYS_TO_IN_PROJ),
+             "key_to_lpe": None}
+PRIMUS_PRESET_NAMES = {"PrimusM": "PRIMUS_M"}
+
+
+def primus_preset_name(architecture: dict) -> str:
+    """The preset name ("PrimusM") whose network equals this plans Primus at its patch size, or ``""``."""
+    from nnssl import presets
+
+    for name, attribute in PRIMUS_PRESET_NAMES.items():
+        preset = getattr(presets, attribute)
+        if architecture == preset.architecture(architecture["arch_kwargs"]["input_shape"]):
+            return name
+    return ""
 
 
 def architecture_plans(architecture: dict) -> dict:
     """nnssl's ``architecture_plans`` block from an nnU-Net plans ``architecture`` block."""
+    from nnssl.architectures import is_primus
+
+    if is_primus(architecture["network_class_name"]) and primus_preset_name(architecture):
+        return {"arch_class_name": primus_preset_name(architecture), "arch_kwargs": None,
+                "arch_kwargs_requiring_import": None}
     return {
         "arch_class_name": architecture["network_class_name"].rsplit(".", 1)[-1],
         "arch_kwargs": copy.deepcopy(architecture["arch_kwargs"]),
@@ -29,16 +54,26 @@ def architecture_plans(architecture: dict) -> dict:
 
 
 def nnunet_architecture(adaptation_plan: dict) -> dict:
-    """The nnU-Net plans ``architecture`` block that rebuilds the pretrained network (inverse of the above)."""
+    """The nnU-Net plans ``architecture`` block that rebuilds the pretrained network (inverse of the above).
+
+    A Primus is rebuilt for the recommended downstream patch (its positional embedding is sized for one patch)."""
+    from nnssl import presets
+    from nnssl.presets import PRIMUS_CLASS
+
     arch = adaptation_plan["architecture_plans"]
     name = arch["arch_class_name"]
     if name in PRESET_NAMES:
-        from nnssl import presets
-
         return getattr(presets, PRESET_NAMES[name]).architecture()
+    if name in PRIMUS_PRESET_NAMES:
+        preset = getattr(presets, PRIMUS_PRESET_NAMES[name])
+        return preset.architecture(adaptation_plan["recommended_downstream_patchsize"])
+    if name == "Primus" and arch.get("arch_kwargs"):
+        return {"network_class_name": PRIMUS_CLASS, "arch_kwargs": copy.deepcopy(arch["arch_kwargs"]),
+                "_kw_requires_import": list(arch.get("arch_kwargs_requiring_import") or [])}
     if name not in ("ResidualEncoderUNet", "PlainConvUNet") or not arch.get("arch_kwargs"):
         raise ValueError(f"Unsupported pretrained architecture {name!r} in the adaptation plan: nnssl fine-tunes "
-                         f"ResEnc/PlainConv U-Nets (dynamic kwargs or the 'ResEncL' preset).")
+                         f"ResEnc/PlainConv U-Nets (dynamic kwargs or the 'ResEncL' preset) and Primus ('PrimusM', "
+                         f"or 'Primus' with kwargs).")
     return {
         "network_class_name": f"{DNA_ARCHITECTURES}.{name}",
         "arch_kwargs": copy.deepcopy(arch["arch_kwargs"]),
@@ -60,14 +95,21 @@ def pretrain_configuration(adaptation_plan: dict) -> dict:
 
 def build_adaptation_plan(plans: dict, configuration: str, num_input_channels: int,
                           recommended_downstream_patch_size: Sequence[int]) -> dict:
+    from nnssl.architectures import is_primus
+
     architecture = plans["configurations"][configuration]["architecture"]
+    keys = PRIMUS_KEYS if is_primus(architecture["network_class_name"]) else UNET_KEYS
     return {
         "architecture_plans": architecture_plans(architecture),
         "pretrain_plan": pretrain_plan(plans, configuration),
         "pretrain_num_input_channels": int(num_input_channels),
         "recommended_downstream_patchsize": [int(i) for i in recommended_downstream_patch_size],
-        "key_to_encoder": KEY_TO_ENCODER,
-        "key_to_stem": KEY_TO_STEM,
-        "keys_to_in_proj": list(KEYS_TO_IN_PROJ),
-        "key_to_lpe": None,
+        **copy.deepcopy(keys),
     }
+
+
+def is_primus_plan(adaptation_plan: dict) -> bool:
+    """Whether an adaptation plan describes a Primus checkpoint (False when it names no architecture)."""
+    from nnssl.architectures import is_primus
+
+    return is_primus((adaptation_plan.get("architecture_plans") or {}).get("arch_class_name") or "")

@@ -5,9 +5,10 @@ all derived from the recipe, so no setting lives in two places.
 """
 
 from dataclasses import dataclass, replace
-from typing import Tuple
+from typing import Optional, Tuple
 
-DECAYS = ("poly", "cosine")
+from nnssl.lr_schedule import DECAYS
+
 OPTIMIZERS = ("sgd", "adamw")
 TRANSFERABLE_PARTS = ("stem", "encoder", "decoder")
 
@@ -28,8 +29,13 @@ class FinetuneRecipe:
     decay: str = "poly"
     freeze_encoder_throughout: bool = False
     transfer_parts: Tuple[str, ...] = ("stem", "encoder")
-    optimizer: str = "sgd"
+    optimizer: str = "sgd"  # sgd: Nesterov momentum 0.99; adamw: ``adamw_betas``, ``amsgrad``
     spatial_only_augmentation: bool = False
+    weight_decay: float = 3e-5  # nnU-Net's
+    adamw_betas: Tuple[float, float] = (0.9, 0.999)
+    amsgrad: bool = True
+    gradient_clip_norm: float = 12.0  # nnU-Net's
+    scratch_peak_lr: Optional[float] = None  # the peak LR of ``from_scratch()`` (None: the same peak)
 
     def __post_init__(self) -> None:
         if self.decay not in DECAYS:
@@ -48,6 +54,9 @@ class FinetuneRecipe:
                 raise ValueError(f"{name} must lie in [0, 1), not {getattr(self, name)}")
         if self.decoder_warmup_fraction + self.full_warmup_fraction >= 1:
             raise ValueError("the warm-up fractions leave no decay stage: their sum must be below 1")
+        if self.weight_decay < 0 or not self.gradient_clip_norm > 0:
+            raise ValueError(f"weight_decay must be >= 0 and gradient_clip_norm positive, not {self.weight_decay}, "
+                             f"{self.gradient_clip_norm}")
         if self.spatial_only_augmentation and self.deep_supervision:
             raise ValueError("spatial-only augmentation is implemented without deep supervision")
 
@@ -62,9 +71,17 @@ class FinetuneRecipe:
 
     def from_scratch(self) -> "FinetuneRecipe":
         """The same recipe from random initialisation: nothing transferred, hence no decoder-only warm-up."""
-        return replace(self, transfer_parts=(), decoder_warmup_fraction=0.0, freeze_encoder_throughout=False)
+        return replace(self, transfer_parts=(), decoder_warmup_fraction=0.0, freeze_encoder_throughout=False,
+                       peak_lr=self.scratch_peak_lr or self.peak_lr, scratch_peak_lr=None)
 
 
 DEFAULT_RECIPE = FinetuneRecipe()
 # The S3D paper's best full-length setting (Table 2): peak 1e-3, deep supervision off, 5 % + 5 % warm-ups.
 PAPER_RECIPE = replace(DEFAULT_RECIPE, peak_lr=1e-3, deep_supervision=False)
+# Primus: nnU-Net's Primus schedule (nnUNet_Primus_M_Trainer from scratch, master's PretrainedTrainer_Primus for
+# pretrained weights): AdamW, betas (0.9, 0.98), no amsgrad, weight decay 5e-2, clipping at 1, one whole-network
+# linear warm-up over 5 % (50 of 1000 epochs), then poly; peak 1e-4 pretrained, 3e-4 from scratch; no deep
+# supervision (a Primus has one output).
+PRIMUS_RECIPE = replace(DEFAULT_RECIPE, peak_lr=1e-4, scratch_peak_lr=3e-4, deep_supervision=False,
+                        decoder_warmup_fraction=0.0, full_warmup_fraction=0.05, optimizer="adamw",
+                        adamw_betas=(0.9, 0.98), amsgrad=False, weight_decay=5e-2, gradient_clip_norm=1.0)

@@ -8,17 +8,11 @@ learning rate for the encoder parameter group: the weights stay bit-identical, a
 torch.compile (no parameter ever stops receiving gradients).
 """
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
 from nnssl.finetuning.recipe import FinetuneRecipe
-
-POLY_EXPONENT = 0.9
-
-
-def _stage_length(fraction: float, total_iterations: int) -> int:
-    return max(1, round(fraction * total_iterations)) if fraction > 0 else 0
+from nnssl.lr_schedule import decayed, linear_warmup, stage_length
 
 
 @dataclass(frozen=True)
@@ -33,11 +27,11 @@ class FinetuneSchedule:
 
     @property
     def decoder_warmup_iterations(self) -> int:
-        return _stage_length(self.recipe.decoder_warmup_fraction, self.total_iterations)
+        return stage_length(self.recipe.decoder_warmup_fraction, self.total_iterations)
 
     @property
     def full_warmup_iterations(self) -> int:
-        return _stage_length(self.recipe.full_warmup_fraction, self.total_iterations)
+        return stage_length(self.recipe.full_warmup_fraction, self.total_iterations)
 
     @property
     def unfreeze_step(self) -> Optional[int]:
@@ -58,14 +52,11 @@ class FinetuneSchedule:
         peak = self.recipe.peak_lr
         stage = self.stage(step)
         if stage == 1:
-            return peak * (step + 1) / self.decoder_warmup_iterations
+            return linear_warmup(peak, step, self.decoder_warmup_iterations)
         if stage == 2:
-            return peak * (step - self.decoder_warmup_iterations + 1) / self.full_warmup_iterations
+            return linear_warmup(peak, step - self.decoder_warmup_iterations, self.full_warmup_iterations)
         start = self.decoder_warmup_iterations + self.full_warmup_iterations
-        progress = (step - start) / (self.total_iterations - start)
-        if self.recipe.decay == "cosine":
-            return peak * 0.5 * (1 + math.cos(math.pi * progress))
-        return peak * (1 - progress) ** POLY_EXPONENT
+        return decayed(peak, (step - start) / (self.total_iterations - start), self.recipe.decay)
 
     def encoder_lr(self, step: int) -> float:
         """Zero while the encoder is frozen (stage 1 with a pretrained encoder, or always when frozen throughout)."""

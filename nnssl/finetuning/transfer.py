@@ -153,7 +153,7 @@ def skipped_summary(pretrained: Dict[str, torch.Tensor], prefixes: Dict[str, str
         "decoder.encoder.*": "nnU-Net's duplicate references to the encoder",
         "decoder.seg_layers.*": "output heads are task specific and always start fresh",
         "decoder.*": "decoder not transferred (fresh decoder; use the _encdec trainer to transfer it)",
-        "other": "not part of the downstream network",
+        "other": "not transferred (e.g. a Primus's patch decoder and mask token; they start fresh)",
     }
     counts: Dict[str, int] = {}
     for key in pretrained:
@@ -175,16 +175,17 @@ def check_weights_match_adaptation_plan(checkpoint: dict, source: str) -> Transf
     """Load the checkpoint's stem and encoder into the network its own adaptation plan describes (strictly, as
     fine-tuning will): a checkpoint whose weights and plan disagree fails at planning time, not after preprocessing.
     """
-    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    from nnssl.architectures import network_from_plans
 
     plan = checkpoint["nnssl_adaptation_plan"]
     try:
         architecture = nnunet_architecture(plan)
+        network = network_from_plans(architecture["network_class_name"], architecture["arch_kwargs"],
+                                     architecture["_kw_requires_import"],
+                                     int(plan.get("pretrain_num_input_channels") or 1), 1, deep_supervision=False,
+                                     source="its nnssl_adaptation_plan")
     except ValueError as error:
         raise PretrainedWeightsError(f"{source}: {error}") from None
-    network = get_network_from_plans(architecture["network_class_name"], architecture["arch_kwargs"],
-                                     architecture["_kw_requires_import"],
-                                     int(plan.get("pretrain_num_input_channels") or 1), 1, deep_supervision=False)
     try:
         return transfer_pretrained_weights(network, checkpoint["network_weights"], plan, source=source)
     except PretrainedWeightsError as error:

@@ -1,15 +1,18 @@
 """The pretraining recipe: how every pretraining method is optimised, in one frozen value.
 
 The S3D recipe (SGD 1e-2 with Nesterov momentum 0.99, weight decay 3e-5, poly decay, gradient clipping at 12,
-1000 epochs x 250 iterations), which OpenMind uses for every baseline too. Trainer variants are
-``dataclasses.replace`` of ``PRETRAIN_RECIPE``; the ``_Nepochs`` variants replace ``num_epochs``, and the ``nnssl_*``
-smoke-run variables still win over the recipe's schedule.
+1000 epochs x 250 iterations), which OpenMind uses for every CNN baseline too; and the Primus MAE recipe
+(``PRIMUS_MAE_RECIPE``). Trainer variants are ``dataclasses.replace`` of these; the ``_Nepochs`` variants replace
+``num_epochs``, and the ``nnssl_*`` smoke-run variables still win over the recipe's schedule.
 """
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, replace
+from typing import Optional, Tuple
+
+from nnssl.lr_schedule import DECAYS
 
 PRECISIONS = ("bf16", "fp16")
+OPTIMIZERS = ("sgd", "adamw")
 
 
 @dataclass(frozen=True)
@@ -24,10 +27,20 @@ class PretrainRecipe:
     max_nonfinite_losses_per_epoch: int = 20
     reconstruction_png_every: int = 50  # epochs
     save_every: int = 1  # epochs: pretraining epochs are long, resume from the last finished one
+    optimizer: str = "sgd"  # sgd: Nesterov momentum 0.99; adamw: betas ``adamw_betas``
+    adamw_betas: Tuple[float, float] = (0.9, 0.98)
+    warmup_fraction: float = 0.0  # linear warm-up over this fraction of the epochs, then ``decay``
+    decay: str = "poly"
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, not {self.precision!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, not {self.optimizer!r}")
+        if self.decay not in DECAYS:
+            raise ValueError(f"decay must be one of {DECAYS}, not {self.decay!r}")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ValueError(f"warmup_fraction must lie in [0, 1), not {self.warmup_fraction}")
         if not self.peak_lr > 0 or self.weight_decay < 0:
             raise ValueError(f"peak_lr must be positive and weight_decay non-negative, not {self.peak_lr}, "
                              f"{self.weight_decay}")
@@ -46,3 +59,9 @@ class PretrainRecipe:
 
 
 PRETRAIN_RECIPE = PretrainRecipe()
+
+# The reference's Primus MAE (BaseEvaMAETrainer, nnssl-behaviour.md section 6): AdamW 3e-4, weight decay 5e-2,
+# betas (0.9, 0.98), clipping at 1, linear warm-up over 50 of 1000 epochs (5 %), then poly decay (the reference
+# decays with poly, not cosine; cosine is ``decay="cosine"``).
+PRIMUS_MAE_RECIPE = replace(PRETRAIN_RECIPE, peak_lr=3e-4, weight_decay=5e-2, gradient_clip_norm=1.0,
+                            optimizer="adamw", adamw_betas=(0.9, 0.98), warmup_fraction=0.05, decay="poly")

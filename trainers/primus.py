@@ -1,0 +1,68 @@
+"""``PrimusMAEPretrainTrainer``: MAE pretraining of the Primus transformer with real token dropping.
+
+Run as ``nnUNetv2_train ID 3d_fullres all -tr PrimusMAEPretrainTrainer -p nnsslPlansPrimus``. Masks are 8^3-voxel
+blocks, one per token of the 8^3 patch embedding, 75 % of them masked (``_dynamic``: a ratio drawn once per batch
+from U(0.6, 0.9) as S3D's default; ``_block16``: 16^3 blocks of 8 tokens each); the EVA encoder processes the
+visible tokens only (``nnssl.methods.primus_mae``). The loss, the mask streams (seeding, DDP, resume), the
+reconstruction figures and the checkpoint format are S3D's; the recipe is the reference's Primus MAE recipe
+(``PRIMUS_MAE_RECIPE``: AdamW 3e-4, warm-up, poly).
+"""
+
+import torch
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
+from torch import nn
+
+from nnssl import citations
+from nnssl.architectures import is_primus
+from nnssl.methods.masking import MaskingConfig
+from nnssl.methods.primus_mae import PrimusMAEModel, TokenDecoderConfig
+from nnssl.methods.recipe import PRIMUS_MAE_RECIPE
+from nnssl.trainers.s3d import S3DPretrainTrainer
+from nnssl.trainers.variants import define_epoch_variants
+
+
+def check_primus_plans(trainer_name: str, configuration_manager: ConfigurationManager, masking: MaskingConfig,
+                       plans_name: str) -> None:
+    """A Primus trainer needs Primus plans, and mask blocks made of whole tokens (else masked voxels leak into
+    visible tokens, or nothing is dropped)."""
+    name = configuration_manager.network_arch_class_name
+    if not is_primus(name):
+        raise RuntimeError(f"{trainer_name} pretrains a Primus, but the plans {plans_name} build {name}. Plan the "
+                           f"dataset with -pl nnsslPlannerPrimus (or nnsslPlannerPrimusTiny) and train with "
+                           f"-p nnsslPlansPrimus, or use S3DPretrainTrainer for ResEnc plans.")
+    embedding = configuration_manager.network_arch_init_kwargs["patch_embed_size"]
+    if any(masking.block_size % int(e) for e in embedding):
+        raise RuntimeError(f"{trainer_name}: mask block size {masking.block_size} is not a multiple of the Primus "
+                           f"patch embedding {list(embedding)}: token dropping masks whole tokens.")
+
+
+class PrimusMAEPretrainTrainer(S3DPretrainTrainer):
+    citations = (citations.NNUNET, citations.PRIMUS, citations.OPENMIND, citations.MAE)
+    recipe = PRIMUS_MAE_RECIPE
+    masking = MaskingConfig(block_size=8, ratio_range=(0.75, 0.75))
+    decoder = TokenDecoderConfig()
+
+    def __init__(self, plans: dict, configuration: str, fold, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        check_primus_plans(self.__class__.__name__, self.configuration_manager, self.masking,
+                           self.plans_manager.plans_name)
+
+    def wrap_network(self, network: nn.Module) -> nn.Module:
+        return PrimusMAEModel(network, self.configuration_manager.patch_size, self.decoder)
+
+
+class PrimusMAEPretrainTrainer_dynamic(PrimusMAEPretrainTrainer):
+    """Mask ratio drawn once per batch from U(0.6, 0.9) (S3D's default) instead of a fixed 75 %."""
+
+    masking = MaskingConfig(block_size=8, ratio_range=(0.6, 0.9))
+
+
+class PrimusMAEPretrainTrainer_block16(PrimusMAEPretrainTrainer):
+    """16^3-voxel mask blocks (2^3 tokens each), 75 % masked."""
+
+    masking = MaskingConfig(block_size=16, ratio_range=(0.75, 0.75))
+
+
+for _trainer in (PrimusMAEPretrainTrainer, PrimusMAEPretrainTrainer_dynamic):
+    define_epoch_variants(_trainer, globals())
