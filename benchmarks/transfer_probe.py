@@ -5,9 +5,8 @@ Everything runs through the user's commands (console scripts in subprocesses wit
 1. per seed, ``nnssl_demo_data --seed SEED``: unlabeled synthetic heads and a labeled Dataset502 whose target, the
    lateral ventricles, comes from the same synthetic anatomy and is not found by any intensity threshold (the best
    single-threshold Dice of the held-out cases is printed as a sanity line);
-2. ``nnssl_ingest`` -> Dataset501, ``nnUNetv2_plan_and_preprocess -pl PLANNER`` (``nnsslPlannerMicro`` on the CPU:
-   four stages of the tiny network at 2 mm with a 32^3 patch, 3.5-4x cheaper per step than ``nnsslPlannerMini``,
-   which was the CPU preset before and is still selectable), then each pretraining
+2. ``nnssl_ingest`` -> Dataset501, ``nnUNetv2_plan_and_preprocess -pl PLANNER`` (``nnsslPlannerMini`` on the CPU:
+   the tiny network at 1.5 mm with a 48^3 patch, a third of the tiny preset's step cost), then each pretraining
    trainer once per seed (``nnssl_seed=SEED``); its ``checkpoint_final.pth`` is cached under ``--cache`` and reused
    by later probe runs with the same data, pretraining budget and seed;
 3. ``nnssl_prepare_finetune -d 502`` and a ``splits_final.json`` whose fold k trains on the first n_k labeled cases
@@ -49,8 +48,7 @@ from _common import print_ratio_lines, print_table
 UNLABELED_ID, LABELED_ID = 501, 502
 UNLABELED_DATASET, LABELED_DATASET = "Dataset501_DemoUnlabeled", "Dataset502_nnsslDemoLabeled"
 FINETUNE_PLANS = "nnsslFinetunePlans"
-PLANNERS = {"nnsslPlannerMicro": "nnsslPlansMicro", "nnsslPlannerMini": "nnsslPlansMini",
-            "nnsslPlannerTiny": "nnsslPlansTiny"}
+PLANNERS = {"nnsslPlannerMini": "nnsslPlansMini", "nnsslPlannerTiny": "nnsslPlansTiny"}
 NNUNET_FOLDERS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
 VAL_ITERATIONS = 1  # the per-epoch validation loss is only logged; the Dice comes from nnU-Net's final validation
 DEFAULT_ARMS = ("nnsslFinetuneTrainer", "nnsslFinetuneTrainer_scratch", "nnsslTrainer")
@@ -72,11 +70,9 @@ class Budget:
 
 
 QUICK = Budget(seeds=(0,), num_unlabeled=2, labeled=(1,), num_heldout=1, pretrain_epochs=1, pretrain_iterations=2,
-               finetune=((2, 3),), planner="nnsslPlannerMicro")
-# 3 seeds x 3 labeled counts x 2 budgets x 3 arms = 54 fine-tuning runs; few long epochs, because every epoch end
-# (progress plot, best checkpoint) costs about 0.4 s on 2 cores
-CPU = Budget(seeds=(0, 1, 2), num_unlabeled=8, labeled=(1, 2, 4), num_heldout=2, pretrain_epochs=10,
-             pretrain_iterations=50, finetune=((5, 24), (5, 48)), planner="nnsslPlannerMicro")
+               finetune=((2, 3),), planner="nnsslPlannerMini")
+CPU = Budget(seeds=(0, 1, 2), num_unlabeled=8, labeled=(1, 2, 4), num_heldout=2, pretrain_epochs=8,
+             pretrain_iterations=40, finetune=((5, 20), (10, 20)), planner="nnsslPlannerMini")
 GPU = Budget(seeds=(0, 1, 2), num_unlabeled=64, labeled=(1, 2, 4, 8), num_heldout=8, pretrain_epochs=100,
              pretrain_iterations=250, finetune=((50, 50), (200, 50)), planner="nnsslPlannerTiny")
 
@@ -119,15 +115,16 @@ def console_script(name: str) -> str:
 class Workspace:
     """One seed's nnU-Net folders and the environment its commands run in; logs every command to ``logs/``."""
 
-    def __init__(self, root: Path, device: str, seed: int, torch_threads: int) -> None:
+    def __init__(self, root: Path, device: str, seed: int, torch_threads: int | None) -> None:
         self.root, self.device, self.seed = root, device, seed
         self.logs = root / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         # the user's own nnssl_* variables (schedule, batch size, checkpoint override) must not reach the commands
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("nnssl_")}
         # validation without test-time mirroring: 8x cheaper, the same for every arm
-        self.env.update(nnUNet_n_proc_DA="0", nnUNet_def_n_proc="1", nnssl_seed=str(seed), nnssl_val_disable_tta="1",
-                        nnssl_torch_threads=str(torch_threads))
+        self.env.update(nnUNet_n_proc_DA="0", nnUNet_def_n_proc="1", nnssl_seed=str(seed), nnssl_val_disable_tta="1")
+        if torch_threads is not None:
+            self.env["nnssl_torch_threads"] = str(torch_threads)
         for variable in NNUNET_FOLDERS:
             (root / variable).mkdir(exist_ok=True)
             self.env[variable] = str(root / variable)
@@ -357,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-heldout", type=int, help="held-out labeled cases the Dice is measured on")
     parser.add_argument("--num-unlabeled", type=int, help="unlabeled volumes for the pretraining")
     parser.add_argument("--planner", choices=sorted(PLANNERS), help="preset of the pretraining (and so fine-tuning) "
-                        "plans (default: nnsslPlannerMicro, --gpu nnsslPlannerTiny)")
+                        "plans (default: nnsslPlannerMini, --gpu nnsslPlannerTiny)")
     parser.add_argument("--pretrain", metavar="EPOCHSxITERATIONS", help="pretraining budget, e.g. 10x40")
     parser.add_argument("--finetune", nargs="+", metavar="EPOCHSxITERATIONS", help="fine-tuning budgets, e.g. 5x12")
     parser.add_argument("--arms", nargs="+", default=list(DEFAULT_ARMS),
@@ -366,9 +363,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="pretraining trainers run once per seed; the first is the default (default %(default)s)")
     parser.add_argument("--baseline", default=DEFAULT_BASELINE, help="the arm differences are taken against")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--torch-threads", type=int, default=1,
-                        help="intra-op threads of every training (nnssl_torch_threads; default %(default)s: nnU-Net's "
-                             "one per core made steps 8-25x slower whenever anything else ran on the machine)")
+    parser.add_argument("--torch-threads", type=int,
+                        help="intra-op threads of every training (nnssl_torch_threads; default: nnU-Net's one per "
+                             "core). Use 1 on a machine shared with other jobs: there, one thread per core made "
+                             "steps 8-25x slower")
     parser.add_argument("--cache", type=Path, help="folder for pretrained checkpoints (default: in the work folder)")
     parser.add_argument("--output", type=Path, default=Path("transfer_probe"),
                         help="folder for transfer_probe.json and transfer_probe.png (default %(default)s)")

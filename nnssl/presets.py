@@ -82,18 +82,6 @@ RESENC_MINI = ResEncPreset(
     spacing=(1.5, 1.5, 1.5),
 )
 
-# The transfer probe's CPU preset since the 30-minute budget: four stages of the tiny network at 2 mm with a 32^3
-# patch (a 64 mm field of view, the demo heads' size). One step costs 3.5-4x less than the mini preset's on 2 CPU
-# cores (interleaved fwd+bwd measurement, batch 2), so three seeds x 18 fine-tuning runs fit in half an hour.
-RESENC_MICRO = ResEncPreset(
-    name="ResEncMicro",
-    patch_size=(32, 32, 32),
-    features_per_stage=RESENC_TINY.features_per_stage[:4],
-    n_blocks_per_stage=RESENC_TINY.n_blocks_per_stage[:4],
-    batch_size=2,
-    spacing=(2.0, 2.0, 2.0),
-)
-
 
 @dataclass(frozen=True)
 class PrimusPreset:

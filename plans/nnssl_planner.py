@@ -17,7 +17,7 @@ from nnunetv2.paths import nnUNet_preprocessed
 from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
 
 from nnssl.integration.environment import positive_int_from_environment
-from nnssl.presets import (PRIMUS_M, PRIMUS_TINY, RESENC_L, RESENC_MICRO, RESENC_MINI, RESENC_TINY, PrimusPreset,
+from nnssl.presets import (PRIMUS_M, PRIMUS_TINY, RESENC_L, RESENC_MINI, RESENC_TINY, PrimusPreset,
                            ResEncPreset)
 
 BATCH_SIZE_VARIABLE = "nnssl_batch_size"
@@ -129,14 +129,6 @@ class nnsslPlannerMini(nnsslPlanner):
 
     preset = RESENC_MINI
     default_plans_name = "nnsslPlansMini"
-
-
-class nnsslPlannerMicro(nnsslPlanner):
-    """Four stages of the tiny network at 2 mm with a 32^3 patch (the transfer probe's ``--cpu`` preset): plans
-    ``nnsslPlansMicro``."""
-
-    preset = RESENC_MICRO
-    default_plans_name = "nnsslPlansMicro"
 
 
 class nnsslPlannerPrimus(nnsslPlanner):

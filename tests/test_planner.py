@@ -127,7 +127,7 @@ def test_header_only_fingerprint_matches_nnunet_geometry(nnunet_dirs):
 
 
 @pytest.mark.parametrize("name, dataset_id, spacing, patch, n_stages",
-                         [("Mini", 16, 1.5, 48, 5), ("Micro", 17, 2.0, 32, 4)])
+                         [("Mini", 16, 1.5, 48, 5)])
 def test_probe_presets_plan_the_tiny_network_family_at_coarser_spacings(nnunet_dirs, name, dataset_id, spacing,
                                                                          patch, n_stages):
     folder = write_labeled_dataset(nnunet_dirs["nnUNet_raw"], dataset_id, name, shapes=[(20, 24, 22), (22, 20, 24)],

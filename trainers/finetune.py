@@ -183,7 +183,6 @@ class nnsslFinetuneTrainer(nnsslTrainerMixin, nnUNetTrainer):
                                                      citations.NNUNET])]
         self.print_to_log_file("Please cite:\n  " + "\n  ".join(citations.apa_lines(references)))
 
-
     def _check_same_family(self, adaptation_plan: dict, path: str) -> None:
         """A Primus checkpoint needs Primus plans and a U-Net checkpoint U-Net plans (said before any key error)."""
         if "architecture_plans" not in adaptation_plan:
