@@ -207,13 +207,17 @@ class nnsslFinetuneTrainer_paper(nnsslFinetuneTrainer):
     primus_recipe = None
 
 
-class nnsslFinetuneTrainer_lr1e3(nnsslFinetuneTrainer):
-    recipe = replace(DEFAULT_RECIPE, peak_lr=1e-3)
+class nnsslFinetuneTrainer_DS(nnsslFinetuneTrainer):
+    """The default with deep supervision on (the default until paired runs chose it off)."""
+
+    recipe = replace(DEFAULT_RECIPE, deep_supervision=True)
     primus_recipe = None
 
 
-class nnsslFinetuneTrainer_noDS(nnsslFinetuneTrainer):
-    recipe = replace(DEFAULT_RECIPE, deep_supervision=False)
+class nnsslFinetuneTrainer_DS_lr1e3(nnsslFinetuneTrainer):
+    """Deep supervision on at peak LR 1e-3 (with ``_DS``, ``_paper`` and the default: LR x deep supervision)."""
+
+    recipe = replace(DEFAULT_RECIPE, deep_supervision=True, peak_lr=1e-3)
     primus_recipe = None
 
 

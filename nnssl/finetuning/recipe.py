@@ -23,7 +23,7 @@ class FinetuneRecipe:
 
     peak_lr: float = 1e-2
     num_epochs: int = 1000  # nnU-Net's default length (x 250 iterations)
-    deep_supervision: bool = True
+    deep_supervision: bool = False  # off: paired runs with a pretrained encoder (README, "Why this default")
     decoder_warmup_fraction: float = 0.05  # stage 1: fresh decoder alone, encoder frozen
     full_warmup_fraction: float = 0.05  # stage 2: whole network
     decay: str = "poly"
