@@ -26,6 +26,7 @@ from nnssl.finetuning.augmentation import spatial_only_training_transforms
 from nnssl.finetuning.recipe import DEFAULT_RECIPE, PAPER_RECIPE, PRIMUS_RECIPE, FinetuneRecipe
 from nnssl.finetuning.schedule import FinetuneSchedule
 from nnssl.finetuning.transfer import PretrainedWeightsError, load_pretrained_checkpoint, transfer_pretrained_weights
+from nnssl.optimizer import recipe_optimizer
 from nnssl.trainers.base import nnsslTrainerMixin
 from nnssl.trainers.pretraining import freeze_unused_deep_supervision_heads
 from nnssl.trainers.variants import define_epoch_variants
@@ -106,12 +107,8 @@ class nnsslFinetuneTrainer(nnsslTrainerMixin, nnUNetTrainer):
             {"params": [p for p in network.parameters() if id(p) not in encoder_ids], "nnssl_part": "decoder"},
             {"params": [p for p in network.parameters() if id(p) in encoder_ids], "nnssl_part": "encoder"},
         ]
-        if self.recipe.optimizer == "adamw":
-            optimizer = torch.optim.AdamW(groups, lr=self.recipe.peak_lr, weight_decay=self.weight_decay,
-                                          betas=self.recipe.adamw_betas, amsgrad=self.recipe.amsgrad, eps=1e-8)
-        else:
-            optimizer = torch.optim.SGD(groups, lr=self.recipe.peak_lr, weight_decay=self.weight_decay,
-                                        momentum=0.99, nesterov=True)
+        optimizer = recipe_optimizer(groups, self.recipe.optimizer, self.recipe.peak_lr, self.weight_decay,
+                                     betas=self.recipe.adamw_betas, amsgrad=self.recipe.amsgrad)
         self.print_to_log_file(f"Fine-tuning ({self.num_epochs} epochs x {self.num_iterations_per_epoch} "
                                f"iterations): {self.schedule.describe()}")
         return optimizer, FinetuneLRController(optimizer, self.schedule, self.num_iterations_per_epoch)

@@ -44,6 +44,7 @@ from nnssl.integration.pretraining_loader import PretrainingDataLoader
 from nnssl.integration.seeding import DEVICE_AUGMENTATION_STREAM, seeded_stream
 from nnssl.lr_schedule import EpochLRScheduler
 from nnssl.methods.recipe import PRETRAIN_RECIPE, PretrainRecipe
+from nnssl.optimizer import recipe_optimizer
 from nnssl.methods.reconstruction_figure import save_reconstruction_png
 from nnssl.trainers.base import nnsslTrainerMixin
 
@@ -124,13 +125,8 @@ class nnsslPretrainTrainer(nnsslTrainerMixin, nnUNetTrainer):
         recipe = self.recipe
         if recipe.optimizer == "sgd" and recipe.warmup_fraction == 0 and recipe.decay == "poly":
             return super().configure_optimizers()
-        parameters = self.network.parameters()
-        if recipe.optimizer == "adamw":
-            optimizer = torch.optim.AdamW(parameters, lr=recipe.peak_lr, weight_decay=recipe.weight_decay,
-                                          betas=recipe.adamw_betas)
-        else:
-            optimizer = torch.optim.SGD(parameters, lr=recipe.peak_lr, weight_decay=recipe.weight_decay,
-                                        momentum=0.99, nesterov=True)
+        optimizer = recipe_optimizer(self.network.parameters(), recipe.optimizer, recipe.peak_lr, recipe.weight_decay,
+                                     betas=recipe.adamw_betas)
         scheduler = EpochLRScheduler(optimizer, recipe.peak_lr, recipe.warmup_fraction, recipe.decay,
                                      self.num_epochs)
         self.print_to_log_file(f"Optimizer {recipe.optimizer} (weight decay {recipe.weight_decay}, gradient clipping "

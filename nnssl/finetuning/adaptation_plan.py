@@ -15,6 +15,9 @@ reading, the published presets are accepted too.
 import copy
 from typing import Sequence
 
+from nnssl import presets
+from nnssl.architectures import is_primus
+
 DNA_ARCHITECTURES = "dynamic_network_architectures.architectures.unet"
 KEY_TO_ENCODER = "encoder.stages"
 KEY_TO_STEM = "encoder.stem"
@@ -30,8 +33,6 @@ PRIMUS_PRESET_NAMES = {"PrimusM": "PRIMUS_M"}
 
 def primus_preset_name(architecture: dict) -> str:
     """The preset name ("PrimusM") whose network equals this plans Primus at its patch size, or ``""``."""
-    from nnssl import presets
-
     for name, attribute in PRIMUS_PRESET_NAMES.items():
         preset = getattr(presets, attribute)
         if architecture == preset.architecture(architecture["arch_kwargs"]["input_shape"]):
@@ -41,10 +42,9 @@ def primus_preset_name(architecture: dict) -> str:
 
 def architecture_plans(architecture: dict) -> dict:
     """nnssl's ``architecture_plans`` block from an nnU-Net plans ``architecture`` block."""
-    from nnssl.architectures import is_primus
-
-    if is_primus(architecture["network_class_name"]) and primus_preset_name(architecture):
-        return {"arch_class_name": primus_preset_name(architecture), "arch_kwargs": None,
+    preset_name = primus_preset_name(architecture) if is_primus(architecture["network_class_name"]) else ""
+    if preset_name:
+        return {"arch_class_name": preset_name, "arch_kwargs": None,
                 "arch_kwargs_requiring_import": None}
     return {
         "arch_class_name": architecture["network_class_name"].rsplit(".", 1)[-1],
@@ -57,9 +57,6 @@ def nnunet_architecture(adaptation_plan: dict) -> dict:
     """The nnU-Net plans ``architecture`` block that rebuilds the pretrained network (inverse of the above).
 
     A Primus is rebuilt for the recommended downstream patch (its positional embedding is sized for one patch)."""
-    from nnssl import presets
-    from nnssl.presets import PRIMUS_CLASS
-
     arch = adaptation_plan["architecture_plans"]
     name = arch["arch_class_name"]
     if name in PRESET_NAMES:
@@ -68,7 +65,7 @@ def nnunet_architecture(adaptation_plan: dict) -> dict:
         preset = getattr(presets, PRIMUS_PRESET_NAMES[name])
         return preset.architecture(adaptation_plan["recommended_downstream_patchsize"])
     if name == "Primus" and arch.get("arch_kwargs"):
-        return {"network_class_name": PRIMUS_CLASS, "arch_kwargs": copy.deepcopy(arch["arch_kwargs"]),
+        return {"network_class_name": presets.PRIMUS_CLASS, "arch_kwargs": copy.deepcopy(arch["arch_kwargs"]),
                 "_kw_requires_import": list(arch.get("arch_kwargs_requiring_import") or [])}
     if name not in ("ResidualEncoderUNet", "PlainConvUNet") or not arch.get("arch_kwargs"):
         raise ValueError(f"Unsupported pretrained architecture {name!r} in the adaptation plan: nnssl fine-tunes "
@@ -95,8 +92,6 @@ def pretrain_configuration(adaptation_plan: dict) -> dict:
 
 def build_adaptation_plan(plans: dict, configuration: str, num_input_channels: int,
                           recommended_downstream_patch_size: Sequence[int]) -> dict:
-    from nnssl.architectures import is_primus
-
     architecture = plans["configurations"][configuration]["architecture"]
     keys = PRIMUS_KEYS if is_primus(architecture["network_class_name"]) else UNET_KEYS
     return {
@@ -110,6 +105,4 @@ def build_adaptation_plan(plans: dict, configuration: str, num_input_channels: i
 
 def is_primus_plan(adaptation_plan: dict) -> bool:
     """Whether an adaptation plan describes a Primus checkpoint (False when it names no architecture)."""
-    from nnssl.architectures import is_primus
-
     return is_primus((adaptation_plan.get("architecture_plans") or {}).get("arch_class_name") or "")

@@ -8,8 +8,8 @@ from dataclasses import dataclass, replace
 from typing import Optional, Tuple
 
 from nnssl.lr_schedule import DECAYS
+from nnssl.optimizer import OPTIMIZERS
 
-OPTIMIZERS = ("sgd", "adamw")
 TRANSFERABLE_PARTS = ("stem", "encoder", "decoder")
 
 

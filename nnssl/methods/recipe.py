@@ -10,9 +10,9 @@ from dataclasses import dataclass, replace
 from typing import Optional, Tuple
 
 from nnssl.lr_schedule import DECAYS
+from nnssl.optimizer import OPTIMIZERS
 
 PRECISIONS = ("bf16", "fp16")
-OPTIMIZERS = ("sgd", "adamw")
 
 
 @dataclass(frozen=True)
