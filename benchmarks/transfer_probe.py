@@ -40,9 +40,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Mapping, Sequence
 
 from _common import print_ratio_lines, print_table
 
@@ -261,22 +262,67 @@ def prepare_seed(workspace: Workspace, budget: Budget, pretrainers: Sequence[str
     return checkpoints
 
 
-def finetune_runs(workspace: Workspace, budget: Budget, arms: Sequence[Arm],
-                  checkpoints: Mapping[str, Path]) -> Iterator[Run]:
-    """Train every (budget, arm, labeled count) of this seed, one at a time, and yield each ``Run``."""
-    for epochs, iterations in budget.finetune:
-        name = budget_name(epochs, iterations)
-        results = workspace.root / f"results_{name}"
-        for arm in arms:
-            for fold, labeled in enumerate(budget.labeled):
-                extra = {"nnUNet_results": str(results)}
-                if arm.pretrainer:
-                    extra["nnssl_pretrained_checkpoint"] = str(checkpoints[arm.pretrainer])
-                step = f"finetune_{arm.name.replace('@', '_at_')}_{name}_n{labeled}"
-                seconds = workspace.train(step, LABELED_ID, str(fold), arm.trainer, FINETUNE_PLANS, epochs,
-                                          iterations, extra)
-                yield Run(arm.name, workspace.seed, labeled, name, epochs * iterations,
-                          validation_dice(results, arm.trainer, fold), seconds)
+@dataclass(frozen=True)
+class FinetuneJob:
+    """One fine-tuning training of the probe: a seed's workspace, a budget, an arm and a labeled count (= fold)."""
+
+    workspace: Workspace
+    epochs: int
+    iterations: int
+    arm: Arm
+    fold: int
+    labeled: int
+
+
+def finetune_jobs(workspace: Workspace, budget: Budget, arms: Sequence[Arm]) -> list[FinetuneJob]:
+    """Every (budget, arm, labeled count) of this seed."""
+    return [FinetuneJob(workspace, epochs, iterations, arm, fold, labeled) for epochs, iterations in budget.finetune
+            for arm in arms for fold, labeled in enumerate(budget.labeled)]
+
+
+def run_finetune(job: FinetuneJob, checkpoints: Mapping[str, Path]) -> Run:
+    """Train one job through ``nnUNetv2_train`` and read its held-out Dice."""
+    name = budget_name(job.epochs, job.iterations)
+    results = job.workspace.root / f"results_{name}"
+    extra = {"nnUNet_results": str(results)}
+    if job.arm.pretrainer:
+        extra["nnssl_pretrained_checkpoint"] = str(checkpoints[job.arm.pretrainer])
+    step = f"finetune_{job.arm.name.replace('@', '_at_')}_{name}_n{job.labeled}"
+    seconds = job.workspace.train(step, LABELED_ID, str(job.fold), job.arm.trainer, FINETUNE_PLANS, job.epochs,
+                                  job.iterations, extra)
+    return Run(job.arm.name, job.workspace.seed, job.labeled, name, job.epochs * job.iterations,
+               validation_dice(results, job.arm.trainer, job.fold), seconds)
+
+
+def run_all(workspaces: Sequence[Workspace], budget: Budget, arms: Sequence[Arm], pretrainers: Sequence[str],
+            cache: Path, jobs: int) -> tuple[list[Run], list[float]]:
+    """Every seed's preparation and fine-tuning runs, at most ``jobs`` commands at a time.
+
+    One pool runs the seeds' preparations (data, pretraining, planning) and, as soon as a seed is prepared, its
+    fine-tuning runs, so no slot waits for another seed's pretraining. Returns the runs and the threshold Dice per
+    seed (in seed order).
+    """
+    runs: list[Run] = []
+    threshold: dict[int, float] = {}
+    pool = ThreadPoolExecutor(max_workers=jobs)
+    try:
+        pending = {pool.submit(prepare_seed, w, budget, pretrainers, cache): w for w in workspaces}
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                workspace = pending.pop(future)
+                result = future.result()  # a ProbeFailure propagates; the pool lets running commands finish
+                if isinstance(result, Run):
+                    print(f"  seed {result.seed}: {result.arm:<40} n={result.labeled} {result.budget:>6}  Dice "
+                          f"{result.dice:.3f} ({result.seconds:.0f} s)", flush=True)
+                    runs.append(result)
+                    continue
+                threshold[workspace.seed] = heldout_threshold_dice(workspace, budget)
+                for job in finetune_jobs(workspace, budget, arms):
+                    pending[pool.submit(run_finetune, job, result)] = workspace
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # after a failure: finish the running commands, start no more
+    return runs, [threshold[w.seed] for w in workspaces]
 
 
 def mean_sd(values: Sequence[float]) -> str:
@@ -365,9 +411,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--baseline", default=DEFAULT_BASELINE, help="the arm differences are taken against")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--torch-threads", type=int,
-                        help="intra-op threads of every training (nnssl_torch_threads; default: nnU-Net's one per "
-                             "core). Use 1 on a machine shared with other jobs: there, one thread per core made "
-                             "steps 8-25x slower")
+                        help="intra-op threads of every training (nnssl_torch_threads; default: 1 when several "
+                             "CPU trainings run at once, else nnU-Net's one per core). Use 1 on a machine shared "
+                             "with other jobs: there, one thread per core made steps 8-25x slower")
+    parser.add_argument("--jobs", type=int,
+                        help="trainings run at the same time (default: 2 on the CPU, each with one torch thread, "
+                             "1 on a GPU). Two 1-thread runs on 2 cores finish more work than one 2-thread run")
     parser.add_argument("--cache", type=Path, help="folder for pretrained checkpoints (default: in the work folder)")
     parser.add_argument("--output", type=Path, default=Path("transfer_probe"),
                         help="folder for transfer_probe.json and transfer_probe.png (default %(default)s)")
@@ -411,28 +460,26 @@ def main() -> int:
     arms = parse_arms(args.arms, args.pretrainers)
     if args.baseline not in [arm.name for arm in arms]:
         raise SystemExit(f"transfer_probe: the baseline {args.baseline!r} is not one of the arms")
+    jobs = args.jobs or (2 if args.device == "cpu" else 1)
+    if jobs < 1:
+        raise SystemExit("transfer_probe: --jobs must be at least 1")
+    # parallel CPU trainings with nnU-Net's one thread per core oversubscribe the cores (8-25x slower steps measured)
+    torch_threads = args.torch_threads or (1 if jobs > 1 and args.device == "cpu" else None)
     start = time.perf_counter()
     print(f"transfer probe{' (--quick: smoke check, NOT evidence)' if args.quick else ''}: seeds {list(budget.seeds)},"
           f" {budget.num_unlabeled} unlabeled volumes, pretraining {args.pretrainers} "
           f"{budget_name(budget.pretrain_epochs, budget.pretrain_iterations)}; arms {[a.name for a in arms]}; "
           f"{list(budget.labeled)} labeled case(s), Dice on {budget.num_heldout} held-out; fine-tuning budgets "
-          f"{[budget_name(*b) for b in budget.finetune]}; device {args.device}", flush=True)
+          f"{[budget_name(*b) for b in budget.finetune]}; device {args.device}, {jobs} training(s) at a time, torch "
+          f"threads {torch_threads or 'nnU-Net default'}", flush=True)
     root = Path(tempfile.mkdtemp(prefix="nnssl_transfer_probe_"))
     cache = args.cache or root / "pretrained"
     runs: list[Run] = []
-    threshold = []
+    threshold: list[float] = []
     keep = args.keep
     try:
-        for seed in budget.seeds:
-            workspace = Workspace(root / f"seed{seed}", args.device, seed, args.torch_threads)
-            checkpoints = prepare_seed(workspace, budget, args.pretrainers, cache)
-            threshold.append(heldout_threshold_dice(workspace, budget))
-            # one run at a time: nnU-Net gives every CPU training all cores, so parallel runs thrash (measured
-            # 4.6 s per iteration for two parallel tiny-preset runs on 2 cores vs 0.55 s for one alone)
-            for run in finetune_runs(workspace, budget, arms, checkpoints):
-                print(f"  seed {seed}: {run.arm:<40} n={run.labeled} {run.budget:>6}  Dice {run.dice:.3f} "
-                      f"({run.seconds:.0f} s)", flush=True)
-                runs.append(run)
+        workspaces = [Workspace(root / f"seed{seed}", args.device, seed, torch_threads) for seed in budget.seeds]
+        runs, threshold = run_all(workspaces, budget, arms, args.pretrainers, cache, jobs)
     except ProbeFailure as failure:
         keep = True
         print(f"transfer_probe: {failure}", file=sys.stderr)

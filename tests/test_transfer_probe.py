@@ -62,3 +62,53 @@ def test_paired_report_ratio_and_figure(probe, tmp_path, capsys):
     probe.plot(runs, arms, budget, tmp_path / "probe.png")
     assert (tmp_path / "probe.png").read_bytes()[:4] == b"\x89PNG"
     json.dumps([probe.asdict(r) for r in runs])
+
+
+def test_run_all_trains_every_job_once_with_parallel_slots_and_stops_after_a_failure(probe, tmp_path, monkeypatch):
+    import threading
+    import time
+
+    budget = probe.Budget(seeds=(0, 1, 2), num_unlabeled=2, labeled=(1, 2), num_heldout=1, pretrain_epochs=1,
+                          pretrain_iterations=1, finetune=((1, 2), (2, 2)), planner="nnsslPlannerMini")
+    arms = probe.parse_arms(["nnsslFinetuneTrainer", "nnsslTrainer"], ["S3DPretrainTrainer"])
+    workspaces = [probe.Workspace(tmp_path / f"seed{s}", "cpu", s, 1) for s in budget.seeds]
+    running, peak, lock = [0], [0], threading.Lock()
+
+    def occupy() -> None:
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.02)
+        with lock:
+            running[0] -= 1
+
+    def prepare(workspace, budget, pretrainers, cache):
+        occupy()
+        return {"S3DPretrainTrainer": tmp_path / f"checkpoint{workspace.seed}.pth"}
+
+    def finetune(job, checkpoints):
+        occupy()
+        if job.arm.pretrainer:
+            assert checkpoints["S3DPretrainTrainer"].name == f"checkpoint{job.workspace.seed}.pth"
+        return probe.Run(job.arm.name, job.workspace.seed, job.labeled, probe.budget_name(job.epochs, job.iterations),
+                         job.epochs * job.iterations, 0.5, 0.0)
+
+    monkeypatch.setattr(probe, "prepare_seed", prepare)
+    monkeypatch.setattr(probe, "run_finetune", finetune)
+    monkeypatch.setattr(probe, "heldout_threshold_dice", lambda workspace, budget: 0.1 * workspace.seed)
+    runs, threshold = probe.run_all(workspaces, budget, arms, ["S3DPretrainTrainer"], tmp_path, jobs=2)
+    keys = sorted((r.arm, r.seed, r.labeled, r.budget) for r in runs)
+    assert len(keys) == 3 * 2 * 2 * 2 and len(set(keys)) == len(keys)  # seeds x budgets x arms x labeled, once each
+    assert threshold == [0.0, 0.1, 0.2] and peak[0] == 2  # in seed order; never more than 2 commands at once
+
+    started = []
+
+    def failing(job, checkpoints):
+        started.append(job)
+        time.sleep(0.01)
+        raise probe.ProbeFailure("finetune failed; full log: somewhere")
+
+    monkeypatch.setattr(probe, "run_finetune", failing)
+    with pytest.raises(probe.ProbeFailure, match="full log"):
+        probe.run_all(workspaces, budget, arms, ["S3DPretrainTrainer"], tmp_path, jobs=2)
+    assert len(started) < 3 * 2 * 2 * 2  # queued jobs were cancelled

@@ -225,6 +225,20 @@ class nnsslFinetuneTrainer_singlewarmup(nnsslFinetuneTrainer):
     primus_recipe = None
 
 
+class nnsslFinetuneTrainer_nowarmup(nnsslFinetuneTrainer):
+    """No warm-up: the whole network at the peak LR from the first iteration, then decay (warm-up ablation)."""
+
+    recipe = replace(DEFAULT_RECIPE, decoder_warmup_fraction=0.0, full_warmup_fraction=0.0)
+    primus_recipe = None
+
+
+class nnsslFinetuneTrainer_warmup10(nnsslFinetuneTrainer):
+    """Warm-ups twice the default's: 10 % decoder-only (encoder frozen) + 10 % whole network (warm-up ablation)."""
+
+    recipe = replace(DEFAULT_RECIPE, decoder_warmup_fraction=0.1, full_warmup_fraction=0.1)
+    primus_recipe = None
+
+
 class nnsslFinetuneTrainer_encdec(nnsslFinetuneTrainer):
     recipe = replace(DEFAULT_RECIPE, transfer_parts=("stem", "encoder", "decoder"), decoder_warmup_fraction=0.0)
     primus_recipe = None
