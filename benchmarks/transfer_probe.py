@@ -362,27 +362,31 @@ def report(runs: Sequence[Run], arms: Sequence[Arm], baseline: str, budget: Budg
 
 
 def plot(runs: Sequence[Run], arms: Sequence[Arm], budget: Budget, path: Path) -> None:
-    """Dice against fine-tuning iterations, one line per arm (mean, sd as error bars), one panel per labeled count."""
+    """Dice against fine-tuning iterations, one panel per labeled count: per arm the mean over seeds (line) and
+    every seed's run (dots, nudged sideways per arm so they do not hide each other; an sd bar would hide that a
+    mean of 0.6 can be two good seeds and one that never segments)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, len(budget.labeled), figsize=(4.5 * len(budget.labeled), 4), squeeze=False)
+    iterations = [epochs * its for epochs, its in budget.finetune]
+    nudge = 0.015 * (max(iterations) - min(iterations) or max(iterations))
     for axis, labeled in zip(axes[0], budget.labeled):
-        for arm in arms:
-            points = []
-            for epochs, iterations in budget.finetune:
+        for index, arm in enumerate(arms):
+            offset = (index - (len(arms) - 1) / 2) * nudge
+            means = []
+            for (epochs, its), x in zip(budget.finetune, iterations):
                 dice = [r.dice for r in runs if r.arm == arm.name and r.labeled == labeled
-                        and r.budget == budget_name(epochs, iterations)]
-                points.append((epochs * iterations, statistics.fmean(dice),
-                               statistics.stdev(dice) if len(dice) > 1 else 0.0))
-            x, y, e = zip(*points)
-            axis.errorbar(x, y, yerr=e, marker="o", capsize=3, label=arm.name)
-        axis.set_title(f"{labeled} labeled case{'s' if labeled > 1 else ''}")
+                        and r.budget == budget_name(epochs, its)]
+                means.append(statistics.fmean(dice))
+                axis.scatter([x + offset] * len(dice), dice, s=14, alpha=0.45, color=f"C{index}")
+            axis.plot([x + offset for x in iterations], means, marker="o", color=f"C{index}", label=arm.name)
+        axis.set_title(f"{labeled} labeled case{'s' if labeled > 1 else ''} (line: mean, dots: seeds)")
         axis.set_xlabel("fine-tuning iterations")
         axis.set_ylabel("held-out Dice")
-        axis.set_ylim(0, 1)
+        axis.set_ylim(-0.02, 1)
         axis.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     figure.tight_layout()
