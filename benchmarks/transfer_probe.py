@@ -24,8 +24,9 @@ minus the strong baseline (``--baseline``, default nnU-Net's recipe) with its si
 lines; a PNG of Dice against budget (one panel per labeled count) and a JSON of every run.
 
 Modes: ``--quick`` (a smoke check of the pipeline, minutes, NOT evidence), ``--cpu`` (3 seeds, 1/2/4 labeled cases,
-two budgets; 54 minutes measured on 2 CPU cores, above the 30-minute target), ``--gpu`` (sized for one GPU). Every
-size can be overridden.
+two budgets; 40 minutes measured on 2 CPU cores with two trainings at a time, above the 30-minute target), ``--gpu``
+(sized for one GPU). Every size can be overridden. ``--jobs`` trainings run at the same time (default 2 on the CPU,
+each with one torch thread; 1 on a GPU).
 """
 
 from __future__ import annotations
