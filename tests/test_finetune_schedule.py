@@ -58,3 +58,15 @@ def test_variants_frozen_cosine_and_invalid_choices():
         FinetuneRecipe(decoder_warmup_fraction=0.5, full_warmup_fraction=0.5)
     with pytest.raises(ValueError, match="transfer_parts"):
         FinetuneRecipe(transfer_parts=("encoder", "head"))
+
+
+def test_warmup_ablation_variants_start_at_the_peak_or_ramp_twice_as_long():
+    from nnssl.trainers.finetune import nnsslFinetuneTrainer_nowarmup, nnsslFinetuneTrainer_warmup10
+
+    none = FinetuneSchedule(nnsslFinetuneTrainer_nowarmup.recipe, total_iterations=200)
+    assert (none.decoder_warmup_iterations, none.full_warmup_iterations) == (0, 0) and none.unfreeze_step is None
+    assert none.lr(0) == none.encoder_lr(0) == pytest.approx(1e-2)
+    assert "frozen" not in none.describe()
+    doubled = FinetuneSchedule(nnsslFinetuneTrainer_warmup10.recipe, total_iterations=200)
+    assert (doubled.decoder_warmup_iterations, doubled.full_warmup_iterations) == (20, 20)
+    assert doubled.encoder_lr(19) == 0.0 < doubled.encoder_lr(20) and doubled.lr(39) == pytest.approx(1e-2)
