@@ -70,7 +70,7 @@ def test_every_arm_segments_an_unseen_task_at_5x20_iterations(nnunet_dirs, tmp_p
     checkpoint = (nnunet_dirs["nnUNet_results"] / "Dataset501_DemoUnlabeled"
                   / "S3DPretrainTrainer__nnsslPlansMini__3d_fullres" / "fold_all" / "checkpoint_final.pth")
 
-    raw = write_unseen_dataset(nnunet_dirs["nnUNet_raw"], 4)
+    write_unseen_dataset(nnunet_dirs["nnUNet_raw"], 4)
     run_command(["nnssl_prepare_finetune", "-d", UNSEEN_ID, "-c", checkpoint, "-np", 1, "-npfp", 1])
     split = [{"train": ["brain_002", "brain_003"], "val": ["brain_000", "brain_001"]}]
     (nnunet_dirs["nnUNet_preprocessed"] / UNSEEN_DATASET / "splits_final.json").write_text(json.dumps(split))
