@@ -16,7 +16,6 @@ from conftest import run_command
 from nnssl.demo.data import _rotation, centred_grid, HeadAnatomy, render_head
 
 UNSEEN_ID, UNSEEN_DATASET = 503, "Dataset503_UnseenBrain"
-BRAIN_EDGE = 0.8  # normalised head radius of the grey-matter surface in render_head
 SPACING = (0.9, 0.9, 2.5)  # x, y, z (mm): thick slices
 DIRECTIONS = (_rotation(0, 20) @ _rotation(2, 30) @ np.diag([-1.0, 1.0, 1.0]), _rotation(1, -25))
 FINETUNE = {"nnssl_num_epochs": "5", "nnssl_iterations_per_epoch": "20", "nnssl_val_iterations_per_epoch": "1",
@@ -33,10 +32,10 @@ def unseen_case(index: int) -> tuple[sitk.Image, sitk.Image]:
     centre = rng.uniform(-3, 3, 3)
     grid = centred_grid(size, SPACING, DIRECTIONS[index % len(DIRECTIONS)], centre)
     points = grid.world_coordinates() - centre[:, None, None, None]  # mm from the head's centre
-    values, _ = render_head(points, HeadAnatomy.draw(semi_axes, rng), rng)
-    radius = np.sqrt(np.sum((points / semi_axes[:, None, None, None]) ** 2, axis=0))
-    brain = (radius <= BRAIN_EDGE).astype(np.uint8)
-    return grid.image((values * 900.0 - 150.0).astype(np.float32)), grid.image(brain)
+    anatomy = HeadAnatomy.draw(semi_axes, rng)
+    values, _ = render_head(points, anatomy, rng)
+    return (grid.image((values * 900.0 - 150.0).astype(np.float32)),
+            grid.image(anatomy.brain(points).astype(np.uint8)))
 
 
 def write_unseen_dataset(raw: Path, count: int) -> Path:

@@ -48,6 +48,7 @@ UNLABELED_STREAM, LABELED_STREAM = 1, 2
 # T1-like tissue intensities before scaling: outside -> inside
 SCALP, SKULL, CSF, GREY, WHITE = 0.75, 0.08, 0.2, 0.45, 0.65
 EDGE_MM = 0.7  # width of the soft tissue boundaries
+BRAIN_EDGE = 0.8  # normalised head radius of the grey-matter surface: the brain lies inside it
 
 
 def _rotation(axis: int, degrees: float) -> np.ndarray:
@@ -145,6 +146,10 @@ class HeadAnatomy:
             radii.append(np.array([0.14, 0.34, 0.21]) * scale * rng.uniform(0.9, 1.1, 3) * semi_axes)
         return cls(semi_axes, tuple(centres), tuple(radii))
 
+    def brain(self, points: np.ndarray) -> np.ndarray:
+        """Boolean mask of the brain (grey and white matter with their sulci, inside the CSF rim) at ``points``."""
+        return _ellipsoid_radius(points, np.zeros(3), self.semi_axes) <= BRAIN_EDGE
+
     def ventricles(self, points: np.ndarray) -> np.ndarray:
         """Boolean mask of the ventricles at ``points``."""
         inside = np.zeros(points.shape[1:], dtype=bool)
@@ -165,9 +170,9 @@ def render_head(points: np.ndarray, anatomy: HeadAnatomy, rng: np.random.Generat
     width = EDGE_MM / semi_axes.mean()
     texture, folds = _field(points, _waves(rng, 8, (6, 20))), _field(points, _waves(rng, 6, (8, 14)))
     values = np.zeros(q.shape)
-    for edge, level in ((1.0, SCALP), (0.94, SKULL), (0.87, CSF), (0.8, GREY)):
+    for edge, level in ((1.0, SCALP), (0.94, SKULL), (0.87, CSF), (BRAIN_EDGE, GREY)):
         values += (level - values) * _inside(q, edge, width)
-    values += (CSF - values) * _inside(0.55 - folds, 0.0, 0.08) * _inside(q, 0.8, width)  # sulci: CSF in the cortex
+    values += (CSF - values) * _inside(0.55 - folds, 0.0, 0.08) * _inside(q, BRAIN_EDGE, width)  # sulci: CSF in the cortex
     values += (WHITE - values) * _inside(q + 0.05 * folds, 0.62, width)
     for _ in range(rng.integers(2, 5)):
         centre = rng.uniform(-0.45, 0.45, 3) * semi_axes
