@@ -459,17 +459,26 @@ def budget_from(args: argparse.Namespace) -> Budget:
     return budget
 
 
+def parallelism(args: argparse.Namespace) -> tuple[int, int | None]:
+    """(trainings at a time, torch threads per training or None for nnU-Net's default) from ``--jobs`` and
+    ``--torch-threads``: 2 one-thread trainings on the CPU, 1 on a GPU, unless given."""
+    for option, value in (("--jobs", args.jobs), ("--torch-threads", args.torch_threads)):
+        if value is not None and value < 1:
+            raise SystemExit(f"transfer_probe: {option} must be at least 1, not {value}")
+    jobs = args.jobs if args.jobs is not None else 2 if args.device == "cpu" else 1
+    if args.torch_threads is not None:
+        return jobs, args.torch_threads
+    # parallel CPU trainings with nnU-Net's one thread per core oversubscribe the cores (8-25x slower steps measured)
+    return jobs, 1 if jobs > 1 and args.device == "cpu" else None
+
+
 def main() -> int:
     args = build_parser().parse_args()
     budget = budget_from(args)
     arms = parse_arms(args.arms, args.pretrainers)
     if args.baseline not in [arm.name for arm in arms]:
         raise SystemExit(f"transfer_probe: the baseline {args.baseline!r} is not one of the arms")
-    jobs = args.jobs or (2 if args.device == "cpu" else 1)
-    if jobs < 1:
-        raise SystemExit("transfer_probe: --jobs must be at least 1")
-    # parallel CPU trainings with nnU-Net's one thread per core oversubscribe the cores (8-25x slower steps measured)
-    torch_threads = args.torch_threads or (1 if jobs > 1 and args.device == "cpu" else None)
+    jobs, torch_threads = parallelism(args)
     start = time.perf_counter()
     print(f"transfer probe{' (--quick: smoke check, NOT evidence)' if args.quick else ''}: seeds {list(budget.seeds)},"
           f" {budget.num_unlabeled} unlabeled volumes, pretraining {args.pretrainers} "

@@ -42,6 +42,17 @@ def test_budgets_from_the_command_line(probe):
         probe.budget_from(probe.build_parser().parse_args(["--finetune", "5"]))
 
 
+def test_parallelism_defaults_and_refusals(probe):
+    def resolve(*argv):
+        return probe.parallelism(probe.build_parser().parse_args(list(argv)))
+
+    assert resolve() == (2, 1) and resolve("--jobs", "1") == (1, None)
+    assert resolve("--device", "cuda") == (1, None) and resolve("--jobs", "2", "--torch-threads", "2") == (2, 2)
+    for option in ("--jobs", "--torch-threads"):
+        with pytest.raises(SystemExit, match=f"{option} must be at least 1, not 0"):
+            resolve(option, "0")
+
+
 def test_paired_report_ratio_and_figure(probe, tmp_path, capsys):
     budget = probe.Budget(seeds=(0, 1, 2), num_unlabeled=2, labeled=(1, 2), num_heldout=1, pretrain_epochs=1,
                           pretrain_iterations=1, finetune=((1, 2), (2, 2)), planner="nnsslPlannerMini")
