@@ -8,9 +8,10 @@ from nnssl.integration.environment import flag_from_environment
 from nnssl.integration.smoke_run import (TORCH_THREADS_VARIABLE, VALIDATION_TTA_OFF_VARIABLE,
                                          apply_schedule_overrides, apply_torch_threads_override)
 from nnssl.integration.seeding import SEED_VARIABLE, seed_from_environment, seed_process, seeded_augmenters, stream_seed
+from nnssl.trainers.guards import nnsslInputGuards
 
 
-class nnsslTrainerMixin:
+class nnsslTrainerMixin(nnsslInputGuards):
     """Schedule and seeding common to all nnssl trainers.
 
     Applied right before nnU-Net builds the network, optimizer and LR schedule in ``initialize()``: first the length

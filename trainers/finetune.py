@@ -21,6 +21,7 @@ from nnssl import citations
 from nnssl.architectures import is_primus, network_from_configuration, transferable_prefixes
 from nnssl.finetuning.adaptation_plan import is_primus_plan
 from nnssl.integration.checkpoint import unwrap
+from nnssl.integration.environment import text_from_environment
 from nnssl.integration.patching import replaced_attribute
 from nnssl.finetuning.augmentation import spatial_only_training_transforms
 from nnssl.finetuning.recipe import DEFAULT_RECIPE, PAPER_RECIPE, PRIMUS_RECIPE, FinetuneRecipe
@@ -145,7 +146,7 @@ class nnsslFinetuneTrainer(nnsslTrainerMixin, nnUNetTrainer):
     # ------------------------------------------------------------------------------------------------ weights
     def pretrained_checkpoint_path(self) -> Optional[str]:
         recorded = self.plans_manager.plans.get("nnssl_pretrained", {}).get("checkpoint")
-        return os.environ.get(CHECKPOINT_VARIABLE) or recorded
+        return text_from_environment(CHECKPOINT_VARIABLE) or recorded
 
     def on_train_start(self):
         """The pretrained weights are read once, at the start of a fresh training: a run resumed with ``--c`` (or

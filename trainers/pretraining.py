@@ -37,7 +37,7 @@ from nnssl.citations import Citation
 from nnssl.device_augmentation import DeviceSpatialAugmentation, SpatialAugmentationConfig
 from nnssl.finetuning.adaptation_plan import build_adaptation_plan
 from nnssl.integration.checkpoint import (PretrainingCheckpoint, atomic_torch_save, checkpoint_dict,
-                                          checkpoint_from_dict, unwrap)
+                                          checkpoint_from_dict, read_checkpoint, unwrap)
 from nnssl.integration.distributed import gather_from_all_ranks
 from nnssl.integration.patching import replaced_attribute
 from nnssl.integration.pretraining_loader import PretrainingDataLoader
@@ -341,7 +341,7 @@ class nnsslPretrainTrainer(nnsslTrainerMixin, nnUNetTrainer):
             self.initialize()
         loaded = filename_or_checkpoint
         if isinstance(filename_or_checkpoint, str):
-            loaded = torch.load(filename_or_checkpoint, map_location=self.device, weights_only=False)
+            loaded = read_checkpoint(filename_or_checkpoint, map_location=self.device)
         source = filename_or_checkpoint if isinstance(filename_or_checkpoint, str) else "the checkpoint"
         checkpoint = checkpoint_from_dict(loaded, source)
         unwrap(self.network).load_state_dict(checkpoint.pretraining_weights)

@@ -19,6 +19,7 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 from torch import nn
 
+from nnssl.errors import UserError
 from nnssl.finetuning.adaptation_plan import KEY_TO_ENCODER, KEY_TO_STEM, KEYS_TO_IN_PROJ, nnunet_architecture
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -27,7 +28,7 @@ DECODER_PREFIX = "decoder."
 NOT_TRANSFERRED_DECODER_PREFIXES = ("decoder.encoder.", "decoder.seg_layers.")
 
 
-class PretrainedWeightsError(RuntimeError):
+class PretrainedWeightsError(UserError, RuntimeError):
     """A checkpoint that cannot be used: unreadable, wrong format, or not matching the network."""
 
 

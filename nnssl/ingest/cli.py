@@ -2,11 +2,12 @@
 
 import argparse
 import sys
+from functools import partial
 from typing import List, Optional
 
 from nnssl.ingest.discover import IMAGE_EXTENSIONS
-from nnssl.ingest.errors import IngestError
 from nnssl.ingest.run import default_num_processes, ingest
+from nnssl.integration.user_errors import run_user_command
 
 DESCRIPTION = f"""\
 Turn unlabeled 3D images into an nnU-Net raw dataset ($nnUNet_raw/Dataset<ID>_<NAME>) for self-supervised
@@ -14,7 +15,8 @@ pretraining. Images ({', '.join(IMAGE_EXTENSIONS)}) of any spacing, orientation,
 as imagesTr/<case>_0000.nii.gz with identical voxel values and geometry (no resampling, no reorientation), next to
 a placeholder label map labelsTr/<case>.nii.gz: 1 = anatomy (every voxel when no anatomy mask is given),
 0 = outside the anatomy mask, 2 = anonymised (anonymization mask > 0, overrides the rest). Invalid images
-(unreadable, not 3D, not scalar, NaN/inf, constant, too small, mask problems) are rejected with a reason in
+(unreadable, truncated or corrupt, invalid spacing, not 3D, not scalar, NaN/inf, constant, too small, mask
+problems) are rejected with a reason in
 nnssl_ingest_summary.json; the rest of the batch continues. Re-running skips cases whose source is unchanged and
 adds new ones. Source files are never modified."""
 
@@ -56,25 +58,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--min_extent_mm", type=float, default=16.0, metavar="MM",
                         help="reject images whose field of view (voxels x spacing) is below this along any axis "
                              "(default: %(default)s)")
+    parser.add_argument("--fix_bad_spacing", action="store_true",
+                        help="ingest images whose header spacing (NIfTI pixdim, NRRD spacings/space directions, "
+                             "MetaImage ElementSpacing) is zero, negative or not finite, with the spacing ITK reads "
+                             "for them (zero and NaN become 1 mm, a negative one its absolute value); each correction "
+                             "is listed in nnssl_ingest_summary.json under 'corrected'. Without it such images are "
+                             "rejected. Files ITK cannot read at all stay rejected")
     parser.add_argument("-v", dest="verbose", action="store_true", help="print one line per image")
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Run ``nnssl_ingest``; exit code 0 when the dataset has cases, 1 otherwise or on an error."""
+    """Run ``nnssl_ingest``; exit code 0 when the dataset has cases, 1 otherwise or on an error, 130 on Ctrl-C."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.input_dirs and args.list_file is None:
         parser.error("give input folders with -i and/or a list file with -l")
     if args.num_processes < 1:
         parser.error("-np must be at least 1")
-    try:
-        report = ingest(args.dataset_id, args.dataset_name, args.input_dirs, args.list_file, args.anatomy_masks,
-                        args.anonymization_masks, args.num_processes, args.modality, args.min_extent_mm,
-                        args.verbose)
-    except IngestError as error:
-        print(f"nnssl_ingest: error: {error}", file=sys.stderr)
-        return 1
+    return run_user_command("nnssl_ingest", partial(run, args))
+
+
+def run(args: argparse.Namespace) -> int:
+    report = ingest(args.dataset_id, args.dataset_name, args.input_dirs, args.list_file, args.anatomy_masks,
+                    args.anonymization_masks, args.num_processes, args.modality, args.min_extent_mm, args.verbose,
+                    fix_bad_spacing=args.fix_bad_spacing)
     print(report.describe())
     if report.num_cases == 0:
         print("nnssl_ingest: error: the dataset has no usable cases; see the reasons above.", file=sys.stderr)

@@ -34,11 +34,17 @@ HASH_LENGTH = 8
 
 @dataclass(frozen=True)
 class Source:
-    """One image to ingest, with absolute (symlink-resolved) paths of the image and its optional masks."""
+    """One image to ingest, with absolute (symlink-resolved) paths of the image and its optional masks, and the path
+    it was found under (a symbolic link's own path), which names its case."""
 
     image: str
     anatomy_mask: Optional[str] = None
     anonymization_mask: Optional[str] = None
+    found_as: Optional[str] = None
+
+    @property
+    def case_id(self) -> str:
+        return case_identifier(self.image, self.found_as)
 
 
 @dataclass
@@ -58,13 +64,14 @@ def split_image_name(name: str) -> Optional[Tuple[str, str]]:
     return None
 
 
-def case_identifier(image_path: str) -> str:
+def case_identifier(image_path: str, found_as: Optional[str] = None) -> str:
     """Stable, unique nnU-Net case name for a source image: ``<sanitised stem>_<8 hex of sha1(absolute path)>``.
 
     Only letters, digits and '-' survive from the stem, so the name has no dots or spaces and never ends in an
-    nnU-Net channel suffix like ``_0000``; the hash keeps equal file names from different folders apart.
+    nnU-Net channel suffix like ``_0000``; the hash (of the resolved path) keeps equal file names from different
+    folders apart. The stem is that of ``found_as`` when given: a symbolic link names its case, not its target.
     """
-    name = os.path.basename(image_path)
+    name = os.path.basename(found_as or image_path)
     stem = (split_image_name(name) or (name, ""))[0]
     cleaned = re.sub(r"[^A-Za-z0-9-]+", "-", stem).strip("-")[:MAX_STEM_LENGTH].strip("-") or "image"
     digest = hashlib.sha1(os.path.abspath(image_path).encode("utf-8")).hexdigest()[:HASH_LENGTH]
@@ -80,7 +87,9 @@ def _is_inside(path: str, folders: Iterable[str]) -> bool:
 
 
 def find_images(root: str, excluded: Sequence[str]) -> Iterator[Tuple[str, str]]:
-    """``(absolute path, relative stem)`` of every image under ``root``, sorted; hidden and excluded folders skipped."""
+    """``(absolute path, relative stem)`` of every image under ``root``, sorted; hidden and excluded folders skipped.
+
+    The path is the one found (a symbolic link stays a link); resolve it to compare files."""
     if _is_inside(root, excluded):
         return
     for folder, subfolders, files in os.walk(root):
@@ -92,7 +101,7 @@ def find_images(root: str, excluded: Sequence[str]) -> Iterator[Tuple[str, str]]
                 continue
             relative_folder = os.path.relpath(folder, root)
             relative_stem = parts[0] if relative_folder == "." else os.path.join(relative_folder, parts[0])
-            yield _resolved(os.path.join(folder, name)), Path(relative_stem).as_posix()
+            yield os.path.abspath(os.path.join(folder, name)), Path(relative_stem).as_posix()
 
 
 class MaskFolder:
@@ -104,8 +113,8 @@ class MaskFolder:
         self.by_relative_stem: Dict[str, List[str]] = defaultdict(list)
         self.by_stem: Dict[str, List[str]] = defaultdict(list)
         for path, relative_stem in find_images(root, excluded=()):
-            self.by_relative_stem[relative_stem].append(path)
-            self.by_stem[relative_stem.rsplit("/", 1)[-1]].append(path)
+            self.by_relative_stem[relative_stem].append(_resolved(path))
+            self.by_stem[relative_stem.rsplit("/", 1)[-1]].append(_resolved(path))
 
     def match(self, relative_stem: str) -> Tuple[Optional[str], Optional[str]]:
         """``(mask path or None, rejection reason or None)`` for an image with this relative stem."""
@@ -120,7 +129,7 @@ class MaskFolder:
 
 
 def read_list_file(list_file: PathLike) -> List[Tuple[str, Optional[str], Optional[str]]]:
-    """``(image, anatomy mask, anonymization mask)`` per entry of a list file, as absolute paths.
+    """``(image, anatomy mask, anonymization mask)`` per entry of a list file, as absolute paths (links unresolved).
 
     Either one image path per line, or a table (tab- or comma-separated) whose header has an ``image`` column and
     optionally ``anatomy_mask`` / ``anonymization_mask`` (further columns are ignored, so OpenMind-style
@@ -136,7 +145,7 @@ def read_list_file(list_file: PathLike) -> List[Tuple[str, Optional[str], Option
 
     def absolute(value: Optional[str]) -> Optional[str]:
         value = (value or "").strip()
-        return _resolved(base / os.path.expanduser(value)) if value else None
+        return os.path.abspath(base / os.path.expanduser(value)) if value else None
 
     if not lines:
         return []
@@ -184,14 +193,15 @@ def discover(input_dirs: Sequence[PathLike] = (), list_file: Optional[PathLike] 
 
     discovery = Discovery()
     seen = set()
-    for image, relative_stem, explicit in candidates:
+    for found_as, relative_stem, explicit in candidates:
+        image = _resolved(found_as)
         if image in seen:
             continue
         seen.add(image)
         masks: Dict[str, Optional[str]] = {}
         problems = []
         for kind in ("anatomy mask", "anonymization mask"):
-            masks[kind] = explicit.get(kind)
+            masks[kind] = explicit.get(kind) and _resolved(explicit[kind])
             if masks[kind] is None and kind in mask_folders:
                 masks[kind], problem = mask_folders[kind].match(relative_stem)
                 if problem:
@@ -199,5 +209,5 @@ def discover(input_dirs: Sequence[PathLike] = (), list_file: Optional[PathLike] 
         if problems:
             discovery.rejected[image] = "; ".join(problems)
         else:
-            discovery.sources.append(Source(image, masks["anatomy mask"], masks["anonymization mask"]))
+            discovery.sources.append(Source(image, masks["anatomy mask"], masks["anonymization mask"], found_as))
     return discovery

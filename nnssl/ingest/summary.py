@@ -1,5 +1,6 @@
 """The dataset's bookkeeping: ``nnssl_ingest_summary.json`` (what was accepted from where, what was rejected and
-why, size + mtime of every source for skipping unchanged work on re-runs) and nnU-Net's ``dataset.json``."""
+why, what was corrected, size + mtime of every source for skipping unchanged work on re-runs) and nnU-Net's
+``dataset.json``."""
 
 import json
 import os
@@ -47,9 +48,9 @@ def is_unchanged(previous: Optional[dict], current: dict, dataset_folder: str, c
 
 
 def load_summary(dataset_folder: str) -> dict:
-    """The previous run's summary (``accepted`` / ``rejected``), or an empty one."""
+    """The previous run's summary (``accepted`` / ``rejected`` / ``corrected``), or an empty one."""
     path = os.path.join(dataset_folder, SUMMARY_FILE)
-    summary = {"accepted": {}, "rejected": {}}
+    summary = {"accepted": {}, "rejected": {}, "corrected": {}}
     if os.path.isfile(path):
         with open(path) as file:
             stored = json.load(file)
@@ -93,11 +94,12 @@ def write_dataset_json(dataset_folder: str, name: str, modality: str, accepted: 
     return num_training
 
 
-def write_summary(dataset_folder: str, accepted: Dict[str, dict], rejected: Dict[str, str],
-                  last_run: Dict[str, int]) -> str:
-    """Write ``nnssl_ingest_summary.json``; returns its path."""
+def write_summary(dataset_folder: str, name: str, accepted: Dict[str, dict], rejected: Dict[str, str],
+                  corrected: Dict[str, str], last_run: Dict[str, int]) -> str:
+    """Write ``nnssl_ingest_summary.json`` (``corrected``: case -> what ``--fix_bad_spacing`` changed); returns its
+    path."""
     path = os.path.join(dataset_folder, SUMMARY_FILE)
-    write_json_atomically({"dataset": os.path.basename(dataset_folder), "last_run": last_run,
-                           "accepted": dict(sorted(accepted.items())), "rejected": dict(sorted(rejected.items()))},
+    write_json_atomically({"dataset": name, "last_run": last_run, "accepted": dict(sorted(accepted.items())),
+                           "rejected": dict(sorted(rejected.items())), "corrected": dict(sorted(corrected.items()))},
                           path)
     return path

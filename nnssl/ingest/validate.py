@@ -1,8 +1,9 @@
 """Deciding whether one image (and its masks) is something nnU-Net can preprocess and train on.
 
-Every check raises ``Rejected`` with a short reason that starts with a stable phrase ("unreadable", "not 3D",
-"not a scalar image", "NaN voxels", "infinite voxels", "constant image", "too small", "anatomy mask ...",
-"anonymization mask ..."), because the reason is what the user reads in the summary.
+Every check raises ``Rejected`` with a short reason that starts with a stable phrase ("unreadable", "truncated",
+"corrupt", "invalid spacing", "not 3D", "not a scalar image", "NaN voxels", "infinite voxels", "constant image",
+"too small", "anatomy mask ...", "anonymization mask ..."), because the reason is what the user reads in the
+summary.
 """
 
 import os
@@ -10,6 +11,8 @@ from typing import Optional, Union
 
 import numpy as np
 import SimpleITK as sitk
+
+from nnssl.ingest.integrity import incomplete_file_problem
 
 # Masks written by other tools (or stored as NIfTI's float32 header) differ from the image by rounding only;
 # anything larger than this is a different grid.
@@ -38,6 +41,9 @@ def read_image(path: str, what: str = "") -> sitk.Image:
     prefix = f"{what} " if what else ""
     if not os.path.isfile(path):
         raise Rejected(f"{prefix}unreadable: file not found ({path})")
+    problem = incomplete_file_problem(path)  # before ITK, which zero-fills what a truncated NIfTI lacks
+    if problem:
+        raise Rejected(f"{prefix}{problem}")
     try:
         return sitk.ReadImage(path)
     except RuntimeError as error:

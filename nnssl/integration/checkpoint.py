@@ -1,13 +1,22 @@
-"""Checkpoints: the pretraining checkpoint as pure functions, safe writing, unwrapping the modules nnU-Net wraps
-(DDP, torch.compile), encoder-only exports."""
+"""Checkpoints: the pretraining checkpoint as pure functions, safe writing and reading, unwrapping the modules
+nnU-Net wraps (DDP, torch.compile), encoder-only exports."""
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
+
+from nnssl.errors import UserError
+
+# the files nnUNetv2_train --c looks for, in its order
+RESUME_ORDER = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
+
+
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint a trainer cannot resume from: truncated, corrupt, or of another kind (the message names it)."""
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -27,6 +36,44 @@ def atomic_torch_save(obj, filename: Union[str, Path]) -> None:
     temporary = f"{filename}.tmp-{os.getpid()}"
     torch.save(obj, temporary)
     os.replace(temporary, filename)
+
+
+def read_checkpoint(filename: str, map_location: Union[str, torch.device, None] = None, weights_only: bool = False,
+                    load: Callable = torch.load) -> dict:
+    """``torch.load`` of a checkpoint to resume or validate from; a file it cannot decode (cut short by a full disk
+    or a copy, overwritten) is an error naming the file and the way out, not torch's zip-reader traceback.
+
+    Its signature is ``torch.load``'s, so a trainer can put it in torch.load's place while nnU-Net's own
+    ``load_checkpoint`` runs (``load`` stays the real torch.load).
+    """
+    try:
+        return load(filename, map_location=map_location, weights_only=weights_only)
+    except OSError:
+        raise  # permissions and the like: reported as such
+    except Exception as error:
+        detail = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise CheckpointError(f"{filename} is truncated or corrupt (torch.load: {detail}), so nothing can be "
+                              f"restored from it. {way_out(filename)}") from None
+
+
+def way_out(filename: str) -> str:
+    """What to do about an unusable checkpoint: the next one ``--c`` would take once it is moved away, or starting
+    over."""
+    folder, name = os.path.split(os.path.abspath(filename))
+    others = [other for other in RESUME_ORDER if other != name and os.path.isfile(os.path.join(folder, other))]
+    move = f"Move it away (mv {filename} {filename}.bad)"
+    if others:
+        return f"{move} and rerun with --c to resume from {others[0]}, or rerun without --c to start over."
+    return f"{move} and rerun without --c to start over (the folder has no other checkpoint)."
+
+
+def kept_checkpoints_note(output_folder: str) -> str:
+    """What an interrupted training leaves to resume from (said when the user presses Ctrl-C)."""
+    kept = [name for name in RESUME_ORDER if os.path.isfile(os.path.join(output_folder, name))]
+    if kept:
+        return (f"{output_folder} keeps {', '.join(kept)}; rerun the same command with --c to resume from "
+                f"{kept[0]}.")
+    return f"No checkpoint was written yet in {output_folder}; rerun the same command to start again."
 
 
 def encoder_only_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
@@ -91,6 +138,6 @@ def checkpoint_from_dict(checkpoint: dict, source: str) -> PretrainingCheckpoint
     """The inverse of ``checkpoint_dict``; one error naming the file and every missing key otherwise."""
     missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
     if missing:
-        raise RuntimeError(f"{source} is not an nnssl pretraining checkpoint (missing {', '.join(missing)}); only "
+        raise CheckpointError(f"{source} is not an nnssl pretraining checkpoint (missing {', '.join(missing)}); only "
                            f"checkpoints written by an nnssl pretraining trainer can be resumed with it.")
     return PretrainingCheckpoint(**{field: checkpoint[key] for key, field in CHECKPOINT_KEYS.items()})

@@ -1,0 +1,10 @@
+"""The base class of every error a user can fix (a bad input, variable, folder or checkpoint).
+
+nnssl's commands print such an error as one line and exit 1, and so do stock nnU-Net commands once they run an
+nnssl class (``nnssl.integration.user_errors``); any other exception is a bug and keeps its traceback.
+"""
+
+
+class UserError(Exception):
+    """A problem with the user's input or environment; ``str(error)`` is the whole message: what is wrong, which
+    file or variable, and what to do instead."""
