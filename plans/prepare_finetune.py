@@ -1,11 +1,38 @@
 """``nnssl_prepare_finetune``: plan and preprocess a labeled nnU-Net dataset to match a pretraining checkpoint."""
 
 import argparse
+import json
 import os
 import sys
+from functools import partial
 from typing import List, Optional, Sequence
 
+from nnssl.errors import UserError
+from nnssl.integration.user_errors import run_user_command
+
 NNUNET_FOLDERS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+
+
+def check_labeled(dataset_id: int) -> str:
+    """The name of raw dataset ``dataset_id``; refused when ``nnssl_ingest`` made it: its labels are placeholders
+    (1 = anatomy), and fine-tuning on them would look like any other run while learning nothing of use."""
+    from nnunetv2.utilities.dataset_name_id_conversion import find_candidate_datasets
+
+    names = list(find_candidate_datasets(dataset_id))
+    if len(names) != 1:
+        found = f"{len(names)} datasets ({', '.join(names)})" if names else "none"
+        raise UserError(f"Dataset ID {dataset_id} must name exactly one dataset in nnUNet_raw, nnUNet_preprocessed "
+                        f"and nnUNet_results; found {found}. Check -d and the nnUNet_* variables.")
+    dataset_json = os.path.join(os.environ["nnUNet_raw"], names[0], "dataset.json")
+    if os.path.isfile(dataset_json):
+        with open(dataset_json) as file:
+            content = json.load(file)
+        if content.get("unlabeled") is True or (content.get("nnssl") or {}).get("unlabeled") is True:
+            raise UserError(f"{dataset_json} marks {names[0]} as unlabeled: nnssl_ingest made it and its labels are "
+                            f"placeholders (1 = anatomy), not a segmentation to fine-tune on. Pass -d the ID of a "
+                            f"labeled nnU-Net dataset (real labels in labelsTr); pretrain on {names[0]} instead "
+                            f"(nnUNetv2_plan_and_preprocess -d {dataset_id} -pl nnsslPlanner).")
+    return names[0]
 
 
 def prepare_finetune(dataset_id: int, checkpoint_path: str, plans_name: str = "nnsslFinetunePlans",
@@ -15,8 +42,9 @@ def prepare_finetune(dataset_id: int, checkpoint_path: str, plans_name: str = "n
     """Fingerprint (if needed), plan with ``nnsslFinetunePlanner`` and preprocess ``3d_fullres``; return the plans."""
     missing = [v for v in NNUNET_FOLDERS[:2] if not os.environ.get(v)]
     if missing:
-        raise RuntimeError(f"Environment variable(s) {', '.join(missing)} not set: nnssl_prepare_finetune reads the "
-                           f"labeled dataset from nnUNet_raw and writes plans and data to nnUNet_preprocessed.")
+        raise UserError(f"Environment variable(s) {', '.join(missing)} not set: nnssl_prepare_finetune reads the "
+                        f"labeled dataset from nnUNet_raw and writes plans and data to nnUNet_preprocessed.")
+    check_labeled(dataset_id)
     from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset, preprocess_dataset
 
     from nnssl.plans.finetune_planner import nnsslFinetunePlanner
@@ -64,14 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from nnssl.finetuning.transfer import PretrainedWeightsError
+    return run_user_command("nnssl_prepare_finetune", partial(run, args), kept=lambda: (
+        "The fingerprint, plans and preprocessed data written so far stay in nnUNet_preprocessed; rerun the same "
+        "command to complete them."))
 
-    try:
-        plans = prepare_finetune(args.d, args.checkpoint, args.plans_name, args.adaptation_mode,
-                                 args.override_spacing, args.np, args.npfp, not args.no_pp, args.verbose)
-    except (PretrainedWeightsError, RuntimeError, ValueError) as error:
-        print(f"nnssl_prepare_finetune: {error}", file=sys.stderr)
-        return 1
+
+def run(args: argparse.Namespace) -> int:
+    plans = prepare_finetune(args.d, args.checkpoint, args.plans_name, args.adaptation_mode, args.override_spacing,
+                             args.np, args.npfp, not args.no_pp, args.verbose)
     config = plans["configurations"]["3d_fullres"]
     print(f"Plans {plans['plans_name']} written for {plans['dataset_name']}: spacing {config['spacing']}, patch "
           f"{config['patch_size']}, batch {config['batch_size']}. Fine-tune with:\n  nnUNetv2_train "

@@ -301,16 +301,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.num_unlabeled < 0 or args.num_labeled < 0:
         parser.error("--num_unlabeled and --num_labeled must not be negative")
 
-    from nnssl.ingest.datasets import resolve_dataset_folder
-    from nnssl.ingest.errors import IngestError
+    from nnssl.integration.user_errors import run_user_command
 
-    dataset_folder = None
-    if args.num_labeled:
-        try:  # before generating anything: a missing nnUNet_raw should fail fast
-            dataset_folder = resolve_dataset_folder(args.dataset_id, LABELED_NAME)
-        except IngestError as error:
-            print(f"nnssl_demo_data: error: {error}", file=sys.stderr)
-            return 1
+    return run_user_command("nnssl_demo_data", lambda: write_demo_data(args), kept=lambda: (
+        f"The volumes written so far stay in {args.output} (and nnUNet_raw); rerun the same command to write them "
+        f"all (the same seed gives the same data)."))
+
+
+def write_demo_data(args: argparse.Namespace) -> int:
+    from nnssl.ingest.datasets import resolve_dataset_folder
+
+    # before generating anything: a missing nnUNet_raw should fail fast
+    dataset_folder = resolve_dataset_folder(args.dataset_id, LABELED_NAME) if args.num_labeled else None
     output = Path(args.output)
     paths = write_unlabeled(output, args.num_unlabeled, args.seed)
     print(f"{len(paths)} unlabeled volumes in {output / UNLABELED_FOLDER}, "

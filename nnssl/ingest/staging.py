@@ -14,6 +14,7 @@ import glob
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Callable, List
 
@@ -67,12 +68,13 @@ class DatasetStaging:
                 + glob.glob(str(self.dataset_folder / f"{TEMP_PREFIX}*")))
 
     def _new_folder(self) -> str:
-        """A hidden folder with imagesTr/labelsTr on the dataset's file system."""
+        """A hidden folder with imagesTr/labelsTr on the dataset's file system, with the permissions the user's umask
+        gives (it may become the dataset folder; ``mkdtemp`` would make it private)."""
         if self.dataset_folder.is_dir():
-            folder = tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=self.dataset_folder)
+            parent, prefix = self.dataset_folder, TEMP_PREFIX
         else:
-            folder = tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{self.dataset_folder.name}_",
-                                      dir=self.dataset_folder.parent)
+            parent, prefix = self.dataset_folder.parent, f"{TEMP_PREFIX}{self.dataset_folder.name}_"
+        folder = os.path.join(parent, f"{prefix}{os.getpid()}_{uuid.uuid4().hex[:8]}")
         for name in CASE_FOLDERS:
             os.makedirs(os.path.join(folder, name))
         return folder

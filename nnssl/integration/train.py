@@ -10,6 +10,7 @@ torchrun's environment the arguments go unchanged to nnU-Net's ``run_training``:
 
 import argparse
 import sys
+from functools import partial
 from typing import List, Optional, Union
 
 import torch
@@ -18,9 +19,9 @@ from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoi
 from torch.backends import cudnn
 
 from nnssl.integration.checkpoint import unwrap
-from nnssl.integration.distributed import (DistributedSetupError, TorchrunEnvironment, backend_for, configure_threads,
-                                           per_rank_batch_size, place_trainer_on, torchrun_environment,
-                                           torchrun_session)
+from nnssl.integration.distributed import (TorchrunEnvironment, backend_for, configure_threads, per_rank_batch_size,
+                                           place_trainer_on, torchrun_environment, torchrun_session)
+from nnssl.integration.user_errors import run_user_command
 from nnssl.integration.weights_checksum import format_checksums, state_dict_checksums
 
 
@@ -114,21 +115,25 @@ def train_on_this_rank(args: argparse.Namespace, env: TorchrunEnvironment, devic
     print_whole_line(f"{tag}: epoch {trainer.current_epoch}, weights sha256 {format_checksums(checksums)}")
 
 
-def main(argv: Optional[List[str]] = None) -> None:
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run ``nnssl_train``: user errors (``DistributedSetupError`` among them) end in one line and exit 1, Ctrl-C in
+    one line saying which checkpoints were kept and exit 130."""
     args = build_parser().parse_args(argv)
     check_flags(args)
-    try:
-        env = torchrun_environment()
-        if env is not None:
-            run_under_torchrun(args, env)
-            return
-    except DistributedSetupError as error:
-        raise SystemExit(f"nnssl_train: {error}") from None
+    return run_user_command("nnssl_train", partial(train, args))
+
+
+def train(args: argparse.Namespace) -> int:
+    env = torchrun_environment()
+    if env is not None:
+        run_under_torchrun(args, env)
+        return 0
     configure_threads(args.device)
     run_training(args.dataset_name_or_id, args.configuration, args.fold, args.tr, args.p, args.pretrained_weights,
                  args.num_gpus, args.npz, args.c, args.val, args.disable_checkpointing, args.val_best,
                  device=torch.device(args.device))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
