@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 
 from torch import nn
 
+from nnssl.errors import InvalidValueError
 from nnssl.presets import PRIMUS_CLASS, check_patch_embedding
 
 PRIMUS_NAMES = ("Primus", "PrimusS", "PrimusB", "PrimusM", "PrimusL")
@@ -47,7 +48,7 @@ def network_from_configuration(configuration_manager, input_channels: int, outpu
     kwargs = configuration_manager.network_arch_init_kwargs
     name = configuration_manager.network_arch_class_name
     if name == PRIMUS_CLASS and list(kwargs["input_shape"]) != list(configuration_manager.patch_size):
-        raise ValueError(f"The plans' Primus is built for input_shape {kwargs['input_shape']} but the configuration's "
+        raise InvalidValueError(f"The plans' Primus is built for input_shape {kwargs['input_shape']} but the configuration's "
                          f"patch_size is {configuration_manager.patch_size}: a Primus's positional embedding is sized "
                          f"for one patch. Make both the same in the plans file.")
     return network_from_plans(name, kwargs, configuration_manager.network_arch_init_kwargs_req_import,

@@ -8,3 +8,8 @@ nnssl class (``nnssl.integration.user_errors``); any other exception is a bug an
 class UserError(Exception):
     """A problem with the user's input or environment; ``str(error)`` is the whole message: what is wrong, which
     file or variable, and what to do instead."""
+
+
+class InvalidValueError(UserError, ValueError):
+    """A value the user chose (an option, a plans entry, a checkpoint's architecture) that nnssl cannot use; still a
+    ValueError for code that calls nnssl as a library."""

@@ -8,6 +8,8 @@ get the identical architecture, so encoder weights transfer 1:1.
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
+from nnssl.errors import InvalidValueError
+
 RESENC_UNET_CLASS = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
 PRIMUS_CLASS = "dynamic_network_architectures.architectures.primus.Primus"
 
@@ -130,7 +132,7 @@ class PrimusPreset:
 def check_patch_embedding(patch_size, patch_embed_size, source: str) -> None:
     """A Primus tokenises the patch into ``patch_embed_size`` cubes: every axis must be a multiple (dna only asserts)."""
     if len(patch_size) != 3 or any(int(p) % int(e) for p, e in zip(patch_size, patch_embed_size)):
-        raise ValueError(f"{source}: patch size {list(patch_size)} is not divisible by the Primus patch embedding "
+        raise InvalidValueError(f"{source}: patch size {list(patch_size)} is not divisible by the Primus patch embedding "
                          f"{list(patch_embed_size)} on every axis; choose a patch size that is a multiple of it.")
 
 

@@ -16,6 +16,7 @@ import numpy as np
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
 from nnunetv2.preprocessing.resampling.no_resampling import no_resampling_hack
 
+from nnssl.errors import InvalidValueError
 from nnssl.finetuning.adaptation_plan import nnunet_architecture, pretrain_configuration
 from nnssl.integration.environment import positive_int_from_environment
 from nnssl.plans.nnssl_planner import BATCH_SIZE_VARIABLE, nnsslPlanner
@@ -31,11 +32,11 @@ class nnsslFinetunePlanner(nnsslPlanner):
                  adaptation_mode: str = "like_pretrained", override_spacing: Optional[Sequence[float]] = None,
                  plans_name: Optional[str] = None):
         if adaptation_mode not in ADAPTATION_MODES:
-            raise ValueError(f"Unknown adaptation mode {adaptation_mode!r}; choose one of {ADAPTATION_MODES}.")
+            raise InvalidValueError(f"Unknown adaptation mode {adaptation_mode!r}; choose one of {ADAPTATION_MODES}.")
         if (adaptation_mode == "fixed") != (override_spacing is not None):
-            raise ValueError("-os/--override_spacing (three floats) goes with -am fixed, and only with it.")
+            raise InvalidValueError("-os/--override_spacing (three floats) goes with -am fixed, and only with it.")
         if override_spacing is not None and len(override_spacing) != 3:
-            raise ValueError(f"-os needs three spacings (mm), got {list(override_spacing)}.")
+            raise InvalidValueError(f"-os needs three spacings (mm), got {list(override_spacing)}.")
         super().__init__(dataset_name_or_id, plans_name=plans_name)
         self.checkpoint_path = os.path.abspath(checkpoint_path)
         self.checkpoint = checkpoint

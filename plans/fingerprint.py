@@ -18,6 +18,8 @@ from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from
 from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 from nnunetv2.paths import nnUNet_preprocessed
 
+from nnssl.errors import UserError
+
 PERCENTILES = (0.5, 50.0, 99.5)
 
 
@@ -27,7 +29,7 @@ def read_geometry_from_header(image_file: str) -> Tuple[List[float], List[int]]:
     reader.SetFileName(image_file)
     reader.ReadImageInformation()
     if reader.GetDimension() != 3:
-        raise RuntimeError(f"{image_file}: expected a 3D image, found {reader.GetDimension()} dimensions")
+        raise UserError(f"{image_file}: expected a 3D image, found {reader.GetDimension()} dimensions")
     return [float(s) for s in reader.GetSpacing()[::-1]], [int(s) for s in reader.GetSize()[::-1]]
 
 

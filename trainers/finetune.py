@@ -19,6 +19,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnssl import citations
 from nnssl.architectures import is_primus, network_from_configuration, transferable_prefixes
+from nnssl.errors import UserError
 from nnssl.finetuning.adaptation_plan import is_primus_plan
 from nnssl.integration.checkpoint import unwrap
 from nnssl.integration.environment import text_from_environment
@@ -74,7 +75,7 @@ class nnsslFinetuneTrainer(nnsslTrainerMixin, nnUNetTrainer):
         if not is_primus(network_class):
             return self.recipe
         if self.primus_recipe is None:
-            raise RuntimeError(f"{self.__class__.__name__} is a U-Net recipe and the plans "
+            raise UserError(f"{self.__class__.__name__} is a U-Net recipe and the plans "
                                f"{self.plans_manager.plans_name} build a Primus; fine-tune a Primus with "
                                f"nnsslFinetuneTrainer (nnU-Net's Primus schedule) or nnsslFinetuneTrainer_scratch.")
         return self.primus_recipe

@@ -14,6 +14,7 @@ from torch import nn
 
 from nnssl import citations
 from nnssl.architectures import is_primus
+from nnssl.errors import UserError
 from nnssl.methods.masking import MaskingConfig
 from nnssl.methods.primus_mae import PrimusMAEModel, TokenDecoderConfig
 from nnssl.methods.recipe import PRIMUS_MAE_RECIPE
@@ -27,12 +28,12 @@ def check_primus_plans(trainer_name: str, configuration_manager: ConfigurationMa
     visible tokens, or nothing is dropped)."""
     name = configuration_manager.network_arch_class_name
     if not is_primus(name):
-        raise RuntimeError(f"{trainer_name} pretrains a Primus, but the plans {plans_name} build {name}. Plan the "
+        raise UserError(f"{trainer_name} pretrains a Primus, but the plans {plans_name} build {name}. Plan the "
                            f"dataset with -pl nnsslPlannerPrimus (or nnsslPlannerPrimusTiny) and train with "
                            f"-p nnsslPlansPrimus, or use S3DPretrainTrainer for ResEnc plans.")
     embedding = configuration_manager.network_arch_init_kwargs["patch_embed_size"]
     if any(masking.block_size % int(e) for e in embedding):
-        raise RuntimeError(f"{trainer_name}: mask block size {masking.block_size} is not a multiple of the Primus "
+        raise UserError(f"{trainer_name}: mask block size {masking.block_size} is not a multiple of the Primus "
                            f"patch embedding {list(embedding)}: token dropping masks whole tokens.")
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from nnssl import citations
+from nnssl.errors import UserError
 from nnssl.integration.distributed import gather_from_all_ranks
 from nnssl.integration.seeding import MASK_STREAM, seeded_stream
 from nnssl.methods.mae_models import DenseMAEModel, S3DModel
@@ -41,7 +42,7 @@ class S3DPretrainTrainer(nnsslPretrainTrainer):
         ingest_info = dataset_json.get("nnssl", {})
         self.exclude_anonymised = bool(ingest_info.get("anonymization_masks", False))
         if self.restrict_loss_to_anatomy and not ingest_info.get("unlabeled", False):
-            raise RuntimeError(f"{self.__class__.__name__} restricts the loss to the anatomy label of an nnssl_ingest "
+            raise UserError(f"{self.__class__.__name__} restricts the loss to the anatomy label of an nnssl_ingest "
                                f"dataset, but this dataset.json has no 'nnssl' ingest block. Ingest the images with "
                                f"nnssl_ingest or use S3DPretrainTrainer.")
 

@@ -16,6 +16,7 @@ import copy
 from typing import Sequence
 
 from nnssl import presets
+from nnssl.errors import InvalidValueError
 from nnssl.architectures import is_primus
 
 DNA_ARCHITECTURES = "dynamic_network_architectures.architectures.unet"
@@ -68,7 +69,7 @@ def nnunet_architecture(adaptation_plan: dict) -> dict:
         return {"network_class_name": presets.PRIMUS_CLASS, "arch_kwargs": copy.deepcopy(arch["arch_kwargs"]),
                 "_kw_requires_import": list(arch.get("arch_kwargs_requiring_import") or [])}
     if name not in ("ResidualEncoderUNet", "PlainConvUNet") or not arch.get("arch_kwargs"):
-        raise ValueError(f"Unsupported pretrained architecture {name!r} in the adaptation plan: nnssl fine-tunes "
+        raise InvalidValueError(f"Unsupported pretrained architecture {name!r} in the adaptation plan: nnssl fine-tunes "
                          f"ResEnc/PlainConv U-Nets (dynamic kwargs or the 'ResEncL' preset) and Primus ('PrimusM', "
                          f"or 'Primus' with kwargs).")
     return {
