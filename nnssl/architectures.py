@@ -48,9 +48,9 @@ def network_from_configuration(configuration_manager, input_channels: int, outpu
     kwargs = configuration_manager.network_arch_init_kwargs
     name = configuration_manager.network_arch_class_name
     if name == PRIMUS_CLASS and list(kwargs["input_shape"]) != list(configuration_manager.patch_size):
-        raise InvalidValueError(f"The plans' Primus is built for input_shape {kwargs['input_shape']} but the configuration's "
-                         f"patch_size is {configuration_manager.patch_size}: a Primus's positional embedding is sized "
-                         f"for one patch. Make both the same in the plans file.")
+        raise InvalidValueError(f"The plans' Primus is built for input_shape {kwargs['input_shape']} but the "
+                                f"configuration's patch_size is {configuration_manager.patch_size}: a Primus's "
+                                f"positional embedding is sized for one patch. Make both the same in the plans file.")
     return network_from_plans(name, kwargs, configuration_manager.network_arch_init_kwargs_req_import,
                               input_channels, output_channels, deep_supervision)
 

@@ -132,8 +132,9 @@ class PrimusPreset:
 def check_patch_embedding(patch_size, patch_embed_size, source: str) -> None:
     """A Primus tokenises the patch into ``patch_embed_size`` cubes: every axis must be a multiple (dna only asserts)."""
     if len(patch_size) != 3 or any(int(p) % int(e) for p, e in zip(patch_size, patch_embed_size)):
-        raise InvalidValueError(f"{source}: patch size {list(patch_size)} is not divisible by the Primus patch embedding "
-                         f"{list(patch_embed_size)} on every axis; choose a patch size that is a multiple of it.")
+        raise InvalidValueError(f"{source}: patch size {list(patch_size)} is not divisible by the Primus patch "
+                                f"embedding {list(patch_embed_size)} on every axis; choose a patch size that is a "
+                                f"multiple of it.")
 
 
 PRIMUS_M = PrimusPreset(name="PrimusM", patch_size=(160, 160, 160), embed_dim=864, depth=16, num_heads=12,

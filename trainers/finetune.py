@@ -76,8 +76,8 @@ class nnsslFinetuneTrainer(nnsslTrainerMixin, nnUNetTrainer):
             return self.recipe
         if self.primus_recipe is None:
             raise UserError(f"{self.__class__.__name__} is a U-Net recipe and the plans "
-                               f"{self.plans_manager.plans_name} build a Primus; fine-tune a Primus with "
-                               f"nnsslFinetuneTrainer (nnU-Net's Primus schedule) or nnsslFinetuneTrainer_scratch.")
+                            f"{self.plans_manager.plans_name} build a Primus; fine-tune a Primus with "
+                            f"nnsslFinetuneTrainer (nnU-Net's Primus schedule) or nnsslFinetuneTrainer_scratch.")
         return self.primus_recipe
 
     @staticmethod

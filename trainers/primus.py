@@ -29,12 +29,12 @@ def check_primus_plans(trainer_name: str, configuration_manager: ConfigurationMa
     name = configuration_manager.network_arch_class_name
     if not is_primus(name):
         raise UserError(f"{trainer_name} pretrains a Primus, but the plans {plans_name} build {name}. Plan the "
-                           f"dataset with -pl nnsslPlannerPrimus (or nnsslPlannerPrimusTiny) and train with "
-                           f"-p nnsslPlansPrimus, or use S3DPretrainTrainer for ResEnc plans.")
+                        f"dataset with -pl nnsslPlannerPrimus (or nnsslPlannerPrimusTiny) and train with "
+                        f"-p nnsslPlansPrimus, or use S3DPretrainTrainer for ResEnc plans.")
     embedding = configuration_manager.network_arch_init_kwargs["patch_embed_size"]
     if any(masking.block_size % int(e) for e in embedding):
         raise UserError(f"{trainer_name}: mask block size {masking.block_size} is not a multiple of the Primus "
-                           f"patch embedding {list(embedding)}: token dropping masks whole tokens.")
+                        f"patch embedding {list(embedding)}: token dropping masks whole tokens.")
 
 
 class PrimusMAEPretrainTrainer(S3DPretrainTrainer):

@@ -43,8 +43,8 @@ class S3DPretrainTrainer(nnsslPretrainTrainer):
         self.exclude_anonymised = bool(ingest_info.get("anonymization_masks", False))
         if self.restrict_loss_to_anatomy and not ingest_info.get("unlabeled", False):
             raise UserError(f"{self.__class__.__name__} restricts the loss to the anatomy label of an nnssl_ingest "
-                               f"dataset, but this dataset.json has no 'nnssl' ingest block. Ingest the images with "
-                               f"nnssl_ingest or use S3DPretrainTrainer.")
+                            f"dataset, but this dataset.json has no 'nnssl' ingest block. Ingest the images with "
+                            f"nnssl_ingest or use S3DPretrainTrainer.")
 
     def wrap_network(self, network: nn.Module) -> nn.Module:
         return S3DModel(network)

@@ -69,9 +69,9 @@ def nnunet_architecture(adaptation_plan: dict) -> dict:
         return {"network_class_name": presets.PRIMUS_CLASS, "arch_kwargs": copy.deepcopy(arch["arch_kwargs"]),
                 "_kw_requires_import": list(arch.get("arch_kwargs_requiring_import") or [])}
     if name not in ("ResidualEncoderUNet", "PlainConvUNet") or not arch.get("arch_kwargs"):
-        raise InvalidValueError(f"Unsupported pretrained architecture {name!r} in the adaptation plan: nnssl fine-tunes "
-                         f"ResEnc/PlainConv U-Nets (dynamic kwargs or the 'ResEncL' preset) and Primus ('PrimusM', "
-                         f"or 'Primus' with kwargs).")
+        raise InvalidValueError(f"Unsupported pretrained architecture {name!r} in the adaptation plan: nnssl "
+                                f"fine-tunes ResEnc/PlainConv U-Nets (dynamic kwargs or the 'ResEncL' preset) and "
+                                f"Primus ('PrimusM', or 'Primus' with kwargs).")
     return {
         "network_class_name": f"{DNA_ARCHITECTURES}.{name}",
         "arch_kwargs": copy.deepcopy(arch["arch_kwargs"]),

@@ -22,9 +22,9 @@ def check_fold_has_cases(fold: Union[int, str], num_cases: int, dataset_name: st
     ``splits_final.json``, which nnU-Net then uses as it is)."""
     if fold == "all" or os.path.isfile(splits_file) or num_cases >= NNUNET_NUM_FOLDS:
         return
-    raise FoldError(f"{dataset_name} has {num_cases} case(s), too few for fold {fold}: nnU-Net's {NNUNET_NUM_FOLDS}-fold "
-                    f"cross-validation needs at least {NNUNET_NUM_FOLDS}. Train fold 'all' (pretraining uses every "
-                    f"case), add cases, or write your own splits to {splits_file}.")
+    raise FoldError(f"{dataset_name} has {num_cases} case(s), too few for fold {fold}: nnU-Net's "
+                    f"{NNUNET_NUM_FOLDS}-fold cross-validation needs at least {NNUNET_NUM_FOLDS}. Train fold 'all' "
+                    f"(pretraining uses every case), add cases, or write your own splits to {splits_file}.")
 
 
 def check_fold_is_trainable(fold: Union[int, str], training_cases: Sequence[str], splits_file: str) -> None:

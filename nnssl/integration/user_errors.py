@@ -13,6 +13,7 @@ import sys
 from typing import Callable, Optional
 
 from nnssl.errors import UserError
+from nnssl.integration.environment import flag_from_environment
 
 DEBUG_VARIABLE = "nnssl_debug"
 INTERRUPTED_EXIT_CODE = 130
@@ -25,8 +26,6 @@ _kept_on_interrupt: Optional[Callable[[], str]] = None
 
 def debugging() -> bool:
     """``nnssl_debug`` is on; a value that is not 0/1 also shows tracebacks (more information, never less)."""
-    from nnssl.integration.environment import flag_from_environment
-
     try:
         return flag_from_environment(DEBUG_VARIABLE)
     except UserError:
