@@ -17,6 +17,7 @@ import SimpleITK as sitk
 from bad_input_helpers import (COMMAND_TIMEOUT, assert_one_line_error, dataset_is_consistent, staging_leftovers,
                                unwritable)
 from conftest import console_script, run_command
+from nnssl.ingest.cli import main as ingest_main
 from nnssl.ingest.discover import case_identifier
 from nnssl.ingest.summary import SUMMARY_FILE
 from test_ingest import file_hashes, run_ingest, textured, write_image
@@ -130,6 +131,12 @@ def test_invalid_header_spacings_are_rejected_naming_the_file_unless_the_flag_fi
     assert spacing == (1.0, 2.0, 1.0) and "written with ITK's spacing (1.0, 2.0, 1.0)" in fixed.stdout
     assert set(reasons_by_name(folder)) == {"zero.mha", "zero.nrrd"}  # ITK cannot read these at all
     assert file_hashes(inputs) == before
+
+
+def test_help_documents_the_spacing_flag(capsys):
+    with pytest.raises(SystemExit):
+        ingest_main(["-h"])
+    assert "--fix_bad_spacing" in capsys.readouterr().out
 
 
 def test_prepare_finetune_refuses_a_dataset_made_by_ingest(nnunet_dirs, tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bad_input_helpers import COMMAND_TIMEOUT, assert_one_line_error
+from bad_input_helpers import COMMAND_TIMEOUT, assert_one_line_error, unwritable
 from conftest import SMOKE_PRETRAINING, TINY_DATASET, TINY_DATASET_ID, console_script, run_command
 from nnssl.errors import UserError
 from nnssl.integration.environment import flag_from_environment, int_from_environment
@@ -109,6 +109,18 @@ def test_too_few_cases_for_a_fold_is_one_line_and_writes_no_split(tiny_pretraini
     assert_one_line_error(result, f"nnssl: error: {TINY_DATASET} has 2 case(s), too few for fold 0: nnU-Net's 5-fold "
                                   "cross-validation needs at least 5. Train fold 'all'")
     assert not splits.exists()
+
+
+def test_an_unwritable_results_folder_stops_the_trainer_constructor_with_one_line(tiny_pretraining_dataset, tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+
+    with unwritable(results):
+        result = run_command(TRAIN, extra_env={**SMOKE_PRETRAINING, "nnUNet_results": str(results)}, check=False,
+                             timeout=COMMAND_TIMEOUT)
+
+    assert_one_line_error(result, f"nnssl: error: {results / TINY_DATASET}", "make it writable for this user")
+    assert not os.listdir(results)
 
 
 def test_ctrl_c_during_training_says_which_checkpoint_was_kept(tiny_pretraining_dataset, tmp_path):

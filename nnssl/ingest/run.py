@@ -4,6 +4,7 @@ per dataset (``staging``)."""
 import multiprocessing
 import os
 import signal
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence
@@ -157,23 +158,25 @@ def ingest(dataset_id: int, dataset_name: str, input_dirs: Sequence[PathLike] = 
             else:
                 tasks.append(CaseTask(source, case_id, staging.folder, staging.folder, min_extent_mm,
                                       fix_bad_spacing))
-        for result in run_tasks(tasks, num_processes or default_num_processes(), progress):
-            case_id, source = result.task.case_id, result.task.source
-            if result.reason is None:
-                accepted[case_id] = entries[case_id]
-                rejected.pop(source.image, None)
-                report.written.append(case_id)
-                staging.staged.append(case_id)
-                if result.note:
-                    corrected[case_id] = report.corrected[case_id] = result.note
-                message = f"written: {case_id} <- {source.image}"
-            else:
-                reject(source.image, result.reason)
-                message = f"rejected: {source.image}: {result.reason}"
-            if verbose:
-                tqdm.write(message)
-            if len(staging.staged) >= PUBLISH_EVERY:
-                staging.publish(write_bookkeeping)
+        # closed on any exception: the workers stop before the staging folder is published and deleted
+        with closing(run_tasks(tasks, num_processes or default_num_processes(), progress)) as results:
+            for result in results:
+                case_id, source = result.task.case_id, result.task.source
+                if result.reason is None:
+                    accepted[case_id] = entries[case_id]
+                    rejected.pop(source.image, None)
+                    report.written.append(case_id)
+                    staging.staged.append(case_id)
+                    if result.note:
+                        corrected[case_id] = report.corrected[case_id] = result.note
+                    message = f"written: {case_id} <- {source.image}"
+                else:
+                    reject(source.image, result.reason)
+                    message = f"rejected: {source.image}: {result.reason}"
+                if verbose:
+                    tqdm.write(message)
+                if len(staging.staged) >= PUBLISH_EVERY:
+                    staging.publish(write_bookkeeping)
     except KeyboardInterrupt:
         interrupted = True
     finally:
