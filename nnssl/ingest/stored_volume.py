@@ -130,7 +130,7 @@ def _stream(path: str, data_name: Optional[str], header_end: int, encoding: Opti
 
 def _nrrd(path: str) -> Optional[StoredVolume]:
     with open(path, "rb") as file:
-        if not file.read(4) == b"NRRD":
+        if file.read(4) != b"NRRD":
             return None
     fields, header_end = _text_header(path, None, ":")
     encoding = NRRD_ENCODINGS.get(fields.get("encoding", "").lower())
