@@ -107,7 +107,8 @@ def write_labeled_dataset(raw_dir: Path, dataset_id: int, name: str, shapes, spa
     return folder
 
 
-SMOKE_PRETRAINING = {"nnssl_num_epochs": "1", "nnssl_iterations_per_epoch": "2", "nnssl_val_iterations_per_epoch": "1"}
+# the shortest run the smoke-run variables allow: one epoch of one training and one validation iteration
+SMOKE_PRETRAINING = {"nnssl_num_epochs": "1", "nnssl_iterations_per_epoch": "1", "nnssl_val_iterations_per_epoch": "1"}
 TINY_DATASET_ID, TINY_DATASET = 31, "Dataset031_Pre"
 
 
@@ -140,11 +141,13 @@ def pretraining_output(dirs: Dict[str, Path], trainer: str) -> Path:
 
 
 def pretrain_smoke(dirs: Dict[str, Path], trainer: str, extra_env: Optional[Dict[str, str]] = None):
-    """Run ``nnUNetv2_train`` for a pretraining trainer on the shared tiny dataset; return (folder, checkpoint)."""
+    """Run ``nnUNetv2_train`` for a pretraining trainer on the shared tiny dataset, as users run it (nnU-Net's
+    threads and forked augmentation workers), seeded: ``nnssl_seed`` swaps in batchgenerators' ordered augmenter,
+    whose workers deadlocked when forked from a process with a live OpenMP pool. Returns (folder, checkpoint)."""
     import torch
 
     run_command(["nnUNetv2_train", TINY_DATASET_ID, "3d_fullres", "all", "-tr", trainer, "-p", "nnsslPlansTiny",
-                 "-device", "cpu"], extra_env={**SMOKE_PRETRAINING, **(extra_env or {})})
+                 "-device", "cpu"], extra_env={**SMOKE_PRETRAINING, "nnssl_seed": "0", **(extra_env or {})})
     out = pretraining_output(dirs, trainer)
     return out, torch.load(out / "checkpoint_final.pth", map_location="cpu", weights_only=False)
 
