@@ -319,7 +319,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         write_labeled_dataset(dataset_folder, args.num_labeled, args.seed)
         print(f"{args.num_labeled} labeled cases in {dataset_folder}")
     print(f"next: nnssl_ingest -i {output / UNLABELED_FOLDER} --anatomy_masks {output / ANATOMY_MASK_FOLDER} "
-          f"-d 501 -n nnsslDemoUnlabeled")
+          f"-d 501 -n DemoUnlabeled")
     return 0
 
 
