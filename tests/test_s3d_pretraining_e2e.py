@@ -83,6 +83,11 @@ def test_s3d_pretraining_resumes_after_a_kill_mid_epoch(tiny_pretraining_dataset
     assert "Epoch 1" in log and "Epoch 2" in log
 
 
+def test_anatomy_restricted_s3d_trains(tiny_pretraining_dataset):
+    out, checkpoint = pretrain_smoke(tiny_pretraining_dataset, "S3DPretrainTrainer_anatomy")
+    assert np.isfinite(checkpoint["logging"]["train_losses"][0]) and (out / "reconstruction_epoch_0000.png").is_file()
+
+
 def test_dense_mae_baseline_trains(tiny_pretraining_dataset):
     _, checkpoint = pretrain_smoke(tiny_pretraining_dataset, "MAEPretrainTrainer")
     assert list(checkpoint["network_weights"]) == list(tiny_network().state_dict())
