@@ -23,6 +23,7 @@ from unittest import mock
 import pytest
 
 from conftest import console_script, run_command
+from test_readme_quickstart import users_environment
 from doc_blocks import (NEEDS, Block, Command, anchors, bash_blocks, commands, launcher_split, links, split_options,
                         table_first_cells, variables)
 
@@ -362,14 +363,12 @@ def test_demo_data_hint_is_the_readme_ingest_and_works(nnunet_dirs, tmp_path):
 
 # ------------------------------------------------------------------------------------ runnable blocks, executed
 def test_runnable_blocks_run_in_document_order(tmp_path):
-    """Each unmarked bash block of documentation/ in a bash of its own, in document order, in one sandbox with the
-    laptop run's nnU-Net folders (as pretraining.md exports them) and the test suite's single-thread defaults."""
+    """Each unmarked bash block of documentation/ in a bash of its own, in document order, in one sandbox, with the
+    user's defaults (nnU-Net's threads and workers) and the laptop run's nnU-Net folders as pretraining.md exports
+    them."""
     demo = tmp_path / "demo"
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-               nnUNet_raw=str(demo / "nnUNet_raw"), nnUNet_preprocessed=str(demo / "nnUNet_preprocessed"),
-               nnUNet_results=str(demo / "nnUNet_results"))
-    for variable, value in {"nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "1", "nnssl_torch_threads": "1"}.items():
-        env.setdefault(variable, value)
+    env = dict(users_environment(), nnUNet_raw=str(demo / "nnUNet_raw"),
+               nnUNet_preprocessed=str(demo / "nnUNet_preprocessed"), nnUNet_results=str(demo / "nnUNet_results"))
     runnable = [block for path in documents() for block in bash_blocks(path) if block.needs() is None]
     assert runnable, "no runnable block in the documentation"
     for block in runnable:
