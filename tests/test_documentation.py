@@ -166,28 +166,28 @@ def nnunet_variables() -> Set[str]:
 
 
 # ------------------------------------------------------------------------------------------------ static checks
-def check_command(command: Command, known_plans: Set[str]) -> List[str]:
+def check_command(command: Command, plans: Set[str]) -> List[str]:
     """What is wrong with one command of a block (an empty list when nothing is)."""
     word, arguments = command.word, command.arguments
     if word == "torchrun":
-        return check_torchrun(arguments, known_plans)
+        return check_torchrun(arguments, plans)
     if word in ("python", "python3") and arguments and arguments[0].endswith(".py"):
-        return check_options(arguments[0], script_parser(arguments[0]), arguments[1:], known_plans)
+        return check_options(arguments[0], script_parser(arguments[0]), arguments[1:], plans)
     if word.startswith(("nnssl_", "nnUNetv2_")):
         parser = console_parser(word)
         if parser is None:
             return [f"{word} is not an installed command"]
-        return check_options(word, parser, arguments, known_plans)
+        return check_options(word, parser, arguments, plans)
     return []
 
 
-def check_torchrun(arguments: List[str], known_plans: Set[str]) -> List[str]:
+def check_torchrun(arguments: List[str], plans: Set[str]) -> List[str]:
     parser = console_parser("torchrun")
     own, launched = launcher_split(arguments, nargs_function(parser))
     if not launched:
         return ["torchrun without a command"]
-    return (check_options("torchrun", parser, own, known_plans)
-            + check_command(Command(launched[0], launched[1:]), known_plans))
+    return (check_options("torchrun", parser, own, plans)
+            + check_command(Command(launched[0], launched[1:]), plans))
 
 
 def nargs_function(parser: argparse.ArgumentParser) -> Callable[[str], object]:
@@ -200,7 +200,7 @@ def nargs_function(parser: argparse.ArgumentParser) -> Callable[[str], object]:
 
 
 def check_options(program: str, parser: argparse.ArgumentParser, arguments: List[str],
-                  known_plans: Set[str]) -> List[str]:
+                  plans: Set[str]) -> List[str]:
     options, _ = split_options(arguments, nargs_function(parser))
     problems = [f"{program} has no option {option}" for option, _ in options
                 if option not in parser._option_string_actions]
@@ -213,7 +213,7 @@ def check_options(program: str, parser: argparse.ArgumentParser, arguments: List
                              if not trainer_exists(name)]
             elif option in PLANNING_CLASS_OPTIONS and not planning_class_exists(value):
                 problems.append(f"{program} {option}: nnU-Net finds no class {value}")
-            elif option == "-p" and (program, option) not in PLANS_DEFINING_OPTIONS and value not in known_plans:
+            elif option == "-p" and (program, option) not in PLANS_DEFINING_OPTIONS and value not in plans:
                 problems.append(f"{program} -p: no planner writes plans {value}")
     return problems
 
