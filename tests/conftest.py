@@ -25,7 +25,9 @@ def nnunet_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Dict[str, Pa
 
 
 def console_script(name: str) -> str:
-    """Absolute path of an installed console script next to the running interpreter."""
+    """Absolute path of an installed console script next to the running interpreter (a path stays as it is)."""
+    if os.sep in name:
+        return name
     candidate = Path(sys.executable).with_name(name)
     return str(candidate) if candidate.exists() else name
 
