@@ -333,7 +333,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"{args.num_labeled} labeled cases in {dataset_folder}"
               + (f", {args.num_test} test cases in its imagesTs/labelsTs" if args.num_test else ""))
     print(f"next: nnssl_ingest -i {output / UNLABELED_FOLDER} --anatomy_masks {output / ANATOMY_MASK_FOLDER} "
-          f"-d 501 -n nnsslDemoUnlabeled")
+          f"-d 501 -n DemoUnlabeled")
     return 0
 
 

@@ -30,7 +30,8 @@ list file (-l): one image path per line, or a TSV/CSV whose header has an 'image
   'anatomy_mask' and 'anonymization_mask' (other columns are ignored). Relative paths are relative to the list
   file. Blank lines and lines starting with # are ignored.
 
-next step: nnUNetv2_plan_and_preprocess -d ID -pl nnsslPlanner"""
+next step: nnUNetv2_plan_and_preprocess -d ID -pl nnsslPlanner -c 3d_fullres -fpe nnsslFingerprintExtractor
+  (-fpe: the header-only fingerprint, which reads the voxels of 16 sampled cases only)"""
 
 
 def build_parser() -> argparse.ArgumentParser:
