@@ -7,7 +7,7 @@ process of the environment, so no torch or nnU-Net import happens here.
 import os
 import sys
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 SHIPPED_SUBPACKAGES = ("trainers", "plans")
 

@@ -1,10 +1,11 @@
 """Learning-rate shapes shared by pretraining and fine-tuning: linear warm-up, then poly (0.9) or cosine decay to 0.
 
 Stage lengths are fractions of a run (at least one step when the fraction is positive), so a smoke run has the same
-shape as a full one. Pretraining steps per epoch (as nnU-Net's schedulers), fine-tuning per iteration.
+shape as a full one; a run too short for its warm-ups gets them cut to fit (``fitted_warmups``) and says so. Pretraining steps per epoch (as nnU-Net's schedulers), fine-tuning per iteration.
 """
 
 import math
+from typing import Sequence, Tuple
 
 DECAYS = ("poly", "cosine")
 POLY_EXPONENT = 0.9
@@ -12,6 +13,28 @@ POLY_EXPONENT = 0.9
 
 def stage_length(fraction: float, total_steps: int) -> int:
     return max(1, round(fraction * total_steps)) if fraction > 0 else 0
+
+
+def fitted_warmups(warmups: Sequence[int], total_steps: int) -> Tuple[int, ...]:
+    """The warm-up stage lengths, in order, cut so that at least one decay step remains.
+
+    Runs long enough for the recipe get its lengths unchanged. A smoke run shorter than that keeps the earlier
+    stages first (fine-tuning's frozen-encoder warm-up before the whole-network one), down to decay alone.
+    """
+    budget, fitted = max(0, total_steps - 1), []
+    for length in warmups:
+        fitted.append(min(length, budget))
+        budget -= fitted[-1]
+    return tuple(fitted)
+
+
+def shrink_note(unit: str, total_steps: int, recipe: Sequence[int], fitted: Sequence[int]) -> str:
+    """The clause a schedule's log line carries when ``fitted_warmups`` cut the recipe's warm-ups ('' otherwise)."""
+    if tuple(recipe) == tuple(fitted):
+        return ""
+    as_text = " + ".join
+    return (f" (shrunk to fit a {total_steps}-{unit} run: the recipe's warm-up lengths in {unit}s, "
+            f"{as_text(map(str, recipe))}, leave no {unit} to decay in; now {as_text(map(str, fitted))})")
 
 
 def linear_warmup(peak: float, step: int, length: int) -> float:
@@ -42,9 +65,8 @@ class EpochLRScheduler:
         self.peak = peak
         self.decay = decay
         self.num_epochs = num_epochs
-        self.warmup_epochs = stage_length(warmup_fraction, num_epochs)
-        if self.warmup_epochs >= num_epochs:
-            raise ValueError(f"{num_epochs} epochs are too few for a {self.warmup_epochs}-epoch warm-up and a decay")
+        self.recipe_warmup_epochs = stage_length(warmup_fraction, num_epochs)
+        (self.warmup_epochs,) = fitted_warmups([self.recipe_warmup_epochs], num_epochs)
 
     def lr(self, epoch: int) -> float:
         return warmup_then_decay(self.peak, epoch, self.warmup_epochs, self.num_epochs, self.decay)
@@ -55,4 +77,5 @@ class EpochLRScheduler:
 
     def describe(self) -> str:
         return (f"linear warm-up {self.warmup_epochs} epochs to {self.peak}, then {self.decay} decay to epoch "
-                f"{self.num_epochs}")
+                f"{self.num_epochs}" + shrink_note("epoch", self.num_epochs, [self.recipe_warmup_epochs],
+                                                   [self.warmup_epochs]))

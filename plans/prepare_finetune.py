@@ -9,8 +9,11 @@ from typing import List, Optional, Sequence
 
 from nnssl.errors import UserError
 from nnssl.integration.user_errors import run_user_command
+from nnssl.processes import default_num_processes
 
 NNUNET_FOLDERS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+# nnU-Net's own default for 3d_fullres preprocessing; each process holds a few volumes in memory
+MAX_DEFAULT_PROCESSES = 4
 
 
 def check_labeled(dataset_id: int) -> str:
@@ -37,9 +40,11 @@ def check_labeled(dataset_id: int) -> str:
 
 def prepare_finetune(dataset_id: int, checkpoint_path: str, plans_name: str = "nnsslFinetunePlans",
                      adaptation_mode: str = "like_pretrained", override_spacing: Optional[Sequence[float]] = None,
-                     num_processes: int = 4, num_processes_fingerprint: int = 4, preprocess: bool = True,
+                     num_processes: Optional[int] = None, num_processes_fingerprint: Optional[int] = None,
+                     preprocess: bool = True,
                      verbose: bool = False) -> dict:
-    """Fingerprint (if needed), plan with ``nnsslFinetunePlanner`` and preprocess ``3d_fullres``; return the plans."""
+    """Fingerprint (if needed), plan with ``nnsslFinetunePlanner`` and preprocess ``3d_fullres``; return the plans.
+    Process counts left at None are sized to the machine (``default_num_processes``)."""
     missing = [v for v in NNUNET_FOLDERS[:2] if not os.environ.get(v)]
     if missing:
         raise UserError(f"Environment variable(s) {', '.join(missing)} not set: nnssl_prepare_finetune reads the "
@@ -57,6 +62,8 @@ def prepare_finetune(dataset_id: int, checkpoint_path: str, plans_name: str = "n
             f"{checkpoint_path} has no 'nnssl_adaptation_plan': it was not written by an nnssl pretraining trainer "
             f"(or by nnssl). Use a pretraining checkpoint, or plan with nnsslPlanner and nnU-Net's -pretrained_weights.")
     check_weights_match_adaptation_plan(checkpoint, checkpoint_path)
+    num_processes = num_processes or default_num_processes(MAX_DEFAULT_PROCESSES)
+    num_processes_fingerprint = num_processes_fingerprint or default_num_processes(MAX_DEFAULT_PROCESSES)
     extract_fingerprint_dataset(dataset_id, num_processes=num_processes_fingerprint, clean=False, verbose=verbose)
     planner = nnsslFinetunePlanner(dataset_id, checkpoint_path, checkpoint, adaptation_mode, override_spacing,
                                    plans_name)
@@ -67,31 +74,42 @@ def prepare_finetune(dataset_id: int, checkpoint_path: str, plans_name: str = "n
 
 
 def build_parser() -> argparse.ArgumentParser:
+    cores = default_num_processes(MAX_DEFAULT_PROCESSES)
     parser = argparse.ArgumentParser(
+        prog="nnssl_prepare_finetune",
         description="Plan and preprocess a labeled nnU-Net dataset (in nnUNet_raw) so that it matches a pretraining "
                     "checkpoint: same architecture, patch and normalisation, spacing per adaptation mode. Then "
                     "fine-tune with: nnUNetv2_train ID 3d_fullres FOLD -tr nnsslFinetuneTrainer -p PLANS_NAME")
-    parser.add_argument("-d", type=int, required=True, help="[REQUIRED] dataset ID of the labeled dataset")
-    parser.add_argument("-c", "--checkpoint", required=True,
+    parser.add_argument("-d", type=int, required=True, metavar="ID", help="[REQUIRED] dataset ID of the labeled dataset")
+    parser.add_argument("-c", "--checkpoint", required=True, metavar="CHECKPOINT",
                         help="[REQUIRED] pretraining checkpoint (.pth with network_weights and nnssl_adaptation_plan:"
                              " written by an nnssl pretraining trainer or by nnssl, e.g. the OpenMind checkpoints)")
-    parser.add_argument("-p", "--plans_name", default="nnsslFinetunePlans",
-                        help="plans name to write (default: nnsslFinetunePlans); also the data identifier prefix")
+    parser.add_argument("-p", "--plans_name", default="nnsslFinetunePlans", metavar="PLANS_NAME",
+                        help="plans name to write (default: %(default)s); also the data identifier prefix")
     parser.add_argument("-am", "--adaptation_mode", default="like_pretrained",
                         choices=["like_pretrained", "default_nnunet", "fixed", "no_resample"],
-                        help="target spacing: the pretraining one (default), nnU-Net's default for this dataset, "
-                             "a fixed one (-os), or no resampling")
-    parser.add_argument("-os", "--override_spacing", type=float, nargs=3, default=None,
+                        help="target spacing: the pretraining one (like_pretrained, the default), nnU-Net's default "
+                             "for this dataset (default_nnunet), a fixed one given with -os (fixed), or no "
+                             "resampling (no_resample)")
+    parser.add_argument("-os", "--override_spacing", type=float, nargs=3, default=None, metavar=("X", "Y", "Z"),
                         help="target spacing in mm (nnU-Net axis order) for -am fixed")
-    parser.add_argument("-np", type=int, default=4, help="processes for preprocessing (default 4)")
-    parser.add_argument("-npfp", type=int, default=4, help="processes for fingerprint extraction (default 4)")
+    parser.add_argument("-np", type=int, default=cores, metavar="N",
+                        help=f"processes for preprocessing (default: min({MAX_DEFAULT_PROCESSES}, cores) = "
+                             f"%(default)s on this machine)")
+    parser.add_argument("-npfp", type=int, default=cores, metavar="N",
+                        help=f"processes for fingerprint extraction (default: min({MAX_DEFAULT_PROCESSES}, cores) = "
+                             f"%(default)s on this machine)")
     parser.add_argument("--no_pp", action="store_true", help="only plan, do not preprocess")
-    parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--verbose", action="store_true",
+                        help="let nnU-Net's fingerprint extraction and preprocessing print per-case details")
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.np < 1 or args.npfp < 1:
+        parser.error("-np and -npfp must be at least 1")
     return run_user_command("nnssl_prepare_finetune", partial(run, args), kept=lambda: (
         "The fingerprint, plans and preprocessed data written so far stay in nnUNet_preprocessed; rerun the same "
         "command to complete them."))

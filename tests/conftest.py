@@ -1,6 +1,7 @@
 """Shared fixtures: isolated nnU-Net folders and a runner for console scripts (the user's entry points)."""
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -24,21 +25,52 @@ def nnunet_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Dict[str, Pa
 
 
 def console_script(name: str) -> str:
-    """Absolute path of an installed console script next to the running interpreter."""
+    """Absolute path of an installed console script next to the running interpreter (a path stays as it is)."""
+    if os.sep in name:
+        return name
     candidate = Path(sys.executable).with_name(name)
     return str(candidate) if candidate.exists() else name
 
 
-def run_command(args: List[str], cwd: Optional[Path] = None, extra_env: Optional[Dict[str, str]] = None,
-                timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess:
-    """Run an installed console script in a subprocess with the current environment (plus ``extra_env``)."""
-    env = dict(os.environ)
-    env.setdefault("nnUNet_n_proc_DA", "0")  # augmentation in the main process
-    env.setdefault("nnUNet_def_n_proc", "1")  # nnU-Net's export/evaluation pools: one spawn costs seconds here
-    env.setdefault("nnssl_torch_threads", "1")  # pytest-xdist runs two trainings at once: one thread each
-    env.update(extra_env or {})
-    command = [console_script(args[0])] + [str(a) for a in args[1:]]
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+HANG_TIMEOUT = 600  # seconds: far above any test command's run time on a loaded 2-core machine
+
+
+class CommandHung(AssertionError):
+    """A test command that did not exit in time: a deadlock until proven otherwise."""
+
+
+def _last_line(*texts: str) -> str:
+    lines = [line for text in texts for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else "(no output)"
+
+
+def run_command(args: List, cwd: Optional[Path] = None, extra_env: Optional[Dict[str, str]] = None,
+                timeout: float = HANG_TIMEOUT, check: bool = True,
+                env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
+    """Run an installed console script in a subprocess with the user's defaults plus ``extra_env``.
+
+    nnU-Net's defaults stay as users get them: one torch thread per core on ``-device cpu`` and nnU-Net's number of
+    forked augmentation workers. Only nnU-Net's export/evaluation pools are cut to one process (each spawned process
+    costs seconds here and trains nothing). A command still running after ``timeout`` is killed with every process it
+    started (its own session) and reported as hung, with its last output line. ``env`` replaces this process's
+    environment as the base (nothing is added to it but ``extra_env``).
+    """
+    if env is None:
+        env = {**os.environ}
+        env.setdefault("nnUNet_def_n_proc", "1")
+    env = {**env, **(extra_env or {})}
+    command = [console_script(str(args[0]))] + [str(a) for a in args[1:]]
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        raise CommandHung(f"{' '.join(command)} hung: no exit after {timeout:.0f} s (killed); last line: "
+                          f"{_last_line(stdout, stderr)}\n--- stdout ---\n{stdout[-3000:]}\n--- stderr ---\n"
+                          f"{stderr[-3000:]}") from None
+    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed with exit code {result.returncode}\n"
                              f"--- stdout ---\n{result.stdout[-6000:]}\n--- stderr ---\n{result.stderr[-6000:]}")
@@ -77,7 +109,8 @@ def write_labeled_dataset(raw_dir: Path, dataset_id: int, name: str, shapes, spa
     return folder
 
 
-SMOKE_PRETRAINING = {"nnssl_num_epochs": "1", "nnssl_iterations_per_epoch": "2", "nnssl_val_iterations_per_epoch": "1"}
+# the shortest run the smoke-run variables allow: one epoch of one training and one validation iteration
+SMOKE_PRETRAINING = {"nnssl_num_epochs": "1", "nnssl_iterations_per_epoch": "1", "nnssl_val_iterations_per_epoch": "1"}
 TINY_DATASET_ID, TINY_DATASET = 31, "Dataset031_Pre"
 
 
@@ -110,11 +143,13 @@ def pretraining_output(dirs: Dict[str, Path], trainer: str) -> Path:
 
 
 def pretrain_smoke(dirs: Dict[str, Path], trainer: str, extra_env: Optional[Dict[str, str]] = None):
-    """Run ``nnUNetv2_train`` for a pretraining trainer on the shared tiny dataset; return (folder, checkpoint)."""
+    """Run ``nnUNetv2_train`` for a pretraining trainer on the shared tiny dataset, as users run it (nnU-Net's
+    threads and forked augmentation workers), seeded: ``nnssl_seed`` swaps in batchgenerators' ordered augmenter,
+    whose workers deadlocked when forked from a process with a live OpenMP pool. Returns (folder, checkpoint)."""
     import torch
 
     run_command(["nnUNetv2_train", TINY_DATASET_ID, "3d_fullres", "all", "-tr", trainer, "-p", "nnsslPlansTiny",
-                 "-device", "cpu"], extra_env={**SMOKE_PRETRAINING, **(extra_env or {})})
+                 "-device", "cpu"], extra_env={**SMOKE_PRETRAINING, "nnssl_seed": "0", **(extra_env or {})})
     out = pretraining_output(dirs, trainer)
     return out, torch.load(out / "checkpoint_final.pth", map_location="cpu", weights_only=False)
 

@@ -9,6 +9,8 @@ from conftest import run_command, tiny_network, write_labeled_dataset
 from nnssl.finetuning.recipe import DEFAULT_RECIPE
 
 SMOKE_3 = {"nnssl_num_epochs": "3", "nnssl_iterations_per_epoch": "2", "nnssl_val_iterations_per_epoch": "1"}
+# seeded runs take batchgenerators' ordered augmenter, whose forked workers deadlocked at nnU-Net's default threads
+SEEDED_SMOKE_3 = {**SMOKE_3, "nnssl_seed": "0", "nnssl_val_disable_tta": "1"}
 
 
 def tiny_plans_architecture() -> dict:
@@ -60,7 +62,10 @@ def prepared_two_channel_dataset(nnunet_dirs, tmp_path):
 
 
 def in_process_trainer(monkeypatch, trainer: str, fold: int = 0, **kwargs):
-    """The trainer of dataset 41 built as ``nnUNetv2_train`` builds it, with the smoke-run schedule, on the CPU."""
+    """The trainer of dataset 41 built as ``nnUNetv2_train`` builds it, with the smoke-run schedule, on the CPU.
+
+    Augmentation runs in this process (``nnUNet_n_proc_DA=0``): these tests step the trainer by hand and must not
+    leave forked workers behind in pytest's process; the stock-command runs in this module use nnU-Net's workers."""
     from nnunetv2.run.run_training import get_trainer_from_args
 
     monkeypatch.setenv("nnUNet_n_proc_DA", "0")
@@ -130,7 +135,7 @@ def test_prepare_and_warmup_stages_from_an_nnssl_layout_checkpoint(nnunet_dirs, 
 def test_scratch_twin_log_says_random_init_and_nothing_frozen(nnunet_dirs, tmp_path):
     folder, _, _ = prepared_two_channel_dataset(nnunet_dirs, tmp_path)
     run_command(["nnUNetv2_train", 41, "3d_fullres", 0, "-tr", "nnsslFinetuneTrainer_scratch", "-p",
-                 "nnsslFinetunePlans", "-device", "cpu"], extra_env={**SMOKE_3, "nnssl_val_disable_tta": "1"})
+                 "nnsslFinetunePlans", "-device", "cpu"], extra_env=SEEDED_SMOKE_3)
     model = (nnunet_dirs["nnUNet_results"] / folder.name / "nnsslFinetuneTrainer_scratch__nnsslFinetunePlans__3d_fullres"
              / "fold_0")
     log = next(model.glob("training_log_*.txt")).read_text()
@@ -210,19 +215,34 @@ def test_adaptation_modes_plan_the_spacing_they_promise(nnunet_dirs, tmp_path):
     assert all(c["architecture"] == tiny_plans_architecture() for c in config.values())
 
 
-def test_amaes_and_encoder_decoder_recipes_train_through_the_stock_command(nnunet_dirs, tmp_path, monkeypatch):
-    """``_amaes``: AdamW with cosine decay and spatial-only augmentation; ``_encdec``: the decoder transferred too."""
+def test_recipes_and_smoke_lengths_train_through_the_stock_command(nnunet_dirs, tmp_path, monkeypatch):
+    """``_amaes``: AdamW with cosine decay and spatial-only augmentation; ``_encdec``: the decoder transferred too;
+    ``_frozen``: the encoder never learns; the default at one epoch of two iterations, too short for its 1 + 1
+    warm-up iterations and a decay: the schedule shrinks and says so. All seeded, at nnU-Net's default threads and
+    augmentation workers."""
     folder, checkpoint, trained = prepared_two_channel_dataset(nnunet_dirs, tmp_path)
-    env = {**SMOKE_3, "nnssl_val_disable_tta": "1"}
+    one_epoch = {**SEEDED_SMOKE_3, "nnssl_num_epochs": "1"}
     results = nnunet_dirs["nnUNet_results"] / folder.name
-    for trainer, expected in (("nnsslFinetuneTrainer_amaes", "pretrained stem + encoder; cosine decay to iteration 6; "
-                                                            "peak LR 0.0001, adamw, deep supervision off"),
-                              ("nnsslFinetuneTrainer_encdec", "pretrained stem + encoder + decoder; whole-network "
-                                                             "warm-up 1 iterations")):
+    for trainer, env, expected in (
+            ("nnsslFinetuneTrainer_amaes", SEEDED_SMOKE_3, "pretrained stem + encoder; cosine decay to iteration 6; "
+                                                           "peak LR 0.0001, adamw, deep supervision off"),
+            ("nnsslFinetuneTrainer_encdec", SEEDED_SMOKE_3, "pretrained stem + encoder + decoder; whole-network "
+                                                            "warm-up 1 iterations"),
+            ("nnsslFinetuneTrainer_frozen", SEEDED_SMOKE_3, "deep supervision off; encoder frozen throughout"),
+            ("nnsslFinetuneTrainer", one_epoch, "decoder warm-up 1 iterations (encoder frozen), then poly decay to "
+                                                "iteration 2; peak LR 0.01, sgd, deep supervision off (shrunk to "
+                                                "fit a 2-iteration run: the recipe's warm-up lengths in iterations, "
+                                                "1 + 1, leave no iteration to decay in; now 1 + 0)")):
         run_command(["nnUNetv2_train", 41, "3d_fullres", 0, "-tr", trainer, "-p", "nnsslFinetunePlans", "-device",
                      "cpu"], extra_env=env)
-        log = next((results / f"{trainer}__nnsslFinetunePlans__3d_fullres" / "fold_0").glob("training_log_*")).read_text()
+        output = results / f"{trainer}__nnsslFinetunePlans__3d_fullres" / "fold_0"
+        log = next(output.glob("training_log_*")).read_text()
         assert expected in log, log[-3000:]
+        assert (output / "checkpoint_final.pth").is_file()
+    frozen = torch.load(results / "nnsslFinetuneTrainer_frozen__nnsslFinetunePlans__3d_fullres" / "fold_0" /
+                        "checkpoint_final.pth", map_location="cpu", weights_only=False)["network_weights"]
+    assert all(torch.equal(value, trained[key]) for key, value in frozen.items()
+               if key.startswith("encoder.stages.") and ".all_modules." in key)
 
     from batchgeneratorsv2.transforms.intensity.gaussian_noise import GaussianNoiseTransform
     from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform

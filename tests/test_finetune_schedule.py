@@ -31,8 +31,36 @@ def test_short_runs_have_the_same_shape_and_most_iterations_at_high_lr():
     assert sum(smoke.lr(i) for i in range(100)) > 0.5 * sum(1e-2 * (1 - i / 100) ** 0.9 for i in range(100))
     tiny = FinetuneSchedule(DEFAULT_RECIPE, total_iterations=6)
     assert (tiny.decoder_warmup_iterations, tiny.full_warmup_iterations) == (1, 1)
-    with pytest.raises(ValueError, match="too few"):
-        FinetuneSchedule(DEFAULT_RECIPE, total_iterations=2)
+    assert "shrunk" not in tiny.describe()
+
+
+def test_smoke_runs_too_short_for_the_warmups_shrink_them_and_say_so():
+    two = FinetuneSchedule(DEFAULT_RECIPE, total_iterations=2)  # the recipe asks for 1 + 1 warm-up iterations
+    assert (two.decoder_warmup_iterations, two.full_warmup_iterations) == (1, 0)
+    assert two.encoder_lr(0) == 0.0 and two.lr(0) == pytest.approx(1e-2) and two.unfreeze_step == 1
+    assert two.stage(1) == 3 and two.encoder_lr(1) == two.lr(1) == pytest.approx(1e-2)
+    assert "shrunk to fit a 2-iteration run: the recipe's warm-up lengths in iterations, 1 + 1," in two.describe()
+    assert "leave no iteration to decay in; now 1 + 0)" in two.describe()
+    one = FinetuneSchedule(DEFAULT_RECIPE, total_iterations=1)
+    assert (one.decoder_warmup_iterations, one.full_warmup_iterations, one.unfreeze_step) == (0, 0, None)
+    assert one.encoder_lr(0) == one.lr(0) == pytest.approx(1e-2)
+    long = FinetuneSchedule(replace(DEFAULT_RECIPE, decoder_warmup_fraction=0.3, full_warmup_fraction=0.3), 3)
+    assert (long.decoder_warmup_iterations, long.full_warmup_iterations) == (1, 1) and "shrunk" not in long.describe()
+
+
+def test_pretraining_epoch_schedule_shrinks_its_warmup_for_a_one_epoch_run():
+    import torch
+
+    from nnssl.lr_schedule import EpochLRScheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
+    full = EpochLRScheduler(optimizer, 3e-4, 0.1, "poly", 1000)  # Primus MAE: 100 warm-up epochs
+    assert full.warmup_epochs == 100 and "shrunk" not in full.describe()
+    one = EpochLRScheduler(optimizer, 3e-4, 0.1, "poly", 1)
+    assert one.warmup_epochs == 0 and one.lr(0) == pytest.approx(3e-4)
+    assert "shrunk to fit a 1-epoch run: the recipe's warm-up lengths in epochs, 1, leave no epoch" in one.describe()
+    two = EpochLRScheduler(optimizer, 3e-4, 0.1, "poly", 2)
+    assert two.warmup_epochs == 1 and "shrunk" not in two.describe()
 
 
 def test_scratch_twin_has_no_decoder_ramp_and_nothing_frozen():

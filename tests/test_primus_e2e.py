@@ -16,7 +16,7 @@ PRE_ID, PRE = 71, "Dataset071_PrimusPre"
 DOWN_ID, DOWN = 72, "Dataset072_PrimusDown"
 SMOKE_2 = {**SMOKE_PRETRAINING, "nnssl_num_epochs": "2"}
 FINETUNE_SMOKE = {"nnssl_num_epochs": "2", "nnssl_iterations_per_epoch": "2", "nnssl_val_iterations_per_epoch": "1",
-                  "nnssl_val_disable_tta": "1"}
+                  "nnssl_val_disable_tta": "1", "nnssl_seed": "0"}
 
 
 def fresh_tiny_primus():
@@ -67,6 +67,16 @@ def test_primus_pretrain_resume_prepare_finetune_predict(nnunet_dirs, tmp_path):
     log = training_log(out)
     assert "Optimizer adamw (weight decay 0.05, gradient clipping at 1.0): linear warm-up 1 epochs to 0.0003" in log
     assert "Masking: MaskingConfig(block_size=8, ratio_range=(0.75, 0.75))" in log
+
+    # the one-epoch variants: too short for the recipe's warm-up epoch and a decay, so the warm-up shrinks away
+    for variant in ("PrimusMAEPretrainTrainer_1epoch", "PrimusMAEPretrainTrainer_dynamic_1epoch"):
+        run_command(["nnUNetv2_train", PRE_ID, "3d_fullres", "all", "-tr", variant, "-p", "nnsslPlansPrimusTiny",
+                     "-device", "cpu"], extra_env={"nnssl_iterations_per_epoch": "1", "nnssl_val_iterations_per_epoch":
+                                                   "1", "nnssl_seed": "0"})
+        variant_log = training_log(out.parent.parent / f"{variant}__nnsslPlansPrimusTiny__3d_fullres" / "fold_all")
+        assert ("linear warm-up 0 epochs to 0.0003, then poly decay to epoch 1 (shrunk to fit a 1-epoch run: the "
+                "recipe's warm-up lengths in epochs, 1, leave no epoch to decay in; now 0)") in variant_log
+        assert "Training done." in variant_log
 
     run_command(train + ["--c"], extra_env={**SMOKE_2, "nnssl_num_epochs": "3"})
     resumed = torch.load(out / "checkpoint_final.pth", map_location="cpu", weights_only=False)

@@ -109,6 +109,7 @@ def test_weight_checksums_are_exact_and_per_part():
 
 def test_plain_launch_is_nnunetv2_train(monkeypatch):
     import nnssl.integration.train
+    import nnssl.integration.train_cli
 
     for variable in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(variable, raising=False)
@@ -116,7 +117,8 @@ def test_plain_launch_is_nnunetv2_train(monkeypatch):
     monkeypatch.setattr(nnssl.integration.train, "run_training", lambda *args, **kwargs: calls.append((args, kwargs)))
     threads = torch.get_num_threads()
     try:
-        nnssl.integration.train.main(["31", "3d_fullres", "all", "-tr", S3D, "-p", "nnsslPlansTiny", "--c", "-device", "cpu"])
+        nnssl.integration.train_cli.main(["31", "3d_fullres", "all", "-tr", S3D, "-p", "nnsslPlansTiny", "--c", "-device",
+                                          "cpu"])
     finally:
         torch.set_num_threads(threads)
     # nnU-Net's run_training_entry passes the same arguments, in this order
@@ -125,13 +127,13 @@ def test_plain_launch_is_nnunetv2_train(monkeypatch):
 
 
 def test_num_gpus_is_refused_under_torchrun(monkeypatch):
-    import nnssl.integration.train
+    import nnssl.integration.train_cli
 
     for variable, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "localhost",
                             "MASTER_PORT": "29500"}.items():
         monkeypatch.setenv(variable, value)
     with pytest.raises(SystemExit, match="-num_gpus is nnU-Net's single-node launcher"):
-        nnssl.integration.train.main(["31", "3d_fullres", "all", "-num_gpus", "2", "-device", "cpu"])
+        nnssl.integration.train_cli.main(["31", "3d_fullres", "all", "-num_gpus", "2", "-device", "cpu"])
 
 
 # ------------------------------------------------------------------------------------------------- under torchrun

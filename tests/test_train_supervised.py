@@ -6,7 +6,8 @@ SMOKE = {"nnssl_num_epochs": "1", "nnssl_iterations_per_epoch": "2", "nnssl_val_
 
 
 def test_supervised_trainer_variant_with_smoke_variables(tiny_pretraining_dataset):
-    # the _5epochs variant would run 5 epochs; the smoke variable wins
+    # the _5epochs variant would run 5 epochs; the smoke variable wins. nnssl_torch_threads=1 because this test
+    # checks that the override applies (nnU-Net's default thread count is run by test_seeding and the README test)
     run_command(["nnUNetv2_train", TINY_DATASET_ID, "3d_fullres", "all", "-tr", "nnsslTrainer_5epochs", "-p",
                  "nnsslPlansTiny", "-device", "cpu"], extra_env={**SMOKE, "nnssl_torch_threads": "1"})
     model_dir = (tiny_pretraining_dataset["nnUNet_results"] / TINY_DATASET

@@ -5,6 +5,7 @@ from typing import Optional
 import torch.distributed as dist
 
 from nnssl.integration.environment import flag_from_environment
+from nnssl.integration.fork_safety import single_threaded_forked_children
 from nnssl.integration.smoke_run import (TORCH_THREADS_VARIABLE, VALIDATION_TTA_OFF_VARIABLE,
                                          apply_schedule_overrides, apply_torch_threads_override)
 from nnssl.integration.seeding import SEED_VARIABLE, seed_from_environment, seed_process, seeded_augmenters, stream_seed
@@ -31,6 +32,7 @@ class nnsslTrainerMixin(nnsslInputGuards):
 
     def initialize(self):
         if not self.was_initialized:
+            single_threaded_forked_children()  # before any augmentation worker is forked
             if self.fixed_num_epochs is not None:
                 self.num_epochs = self.fixed_num_epochs
             applied = apply_schedule_overrides(self)

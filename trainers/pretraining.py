@@ -45,6 +45,7 @@ from nnssl.integration.seeding import DEVICE_AUGMENTATION_STREAM, seeded_stream
 from nnssl.lr_schedule import EpochLRScheduler
 from nnssl.methods.recipe import PRETRAIN_RECIPE, PretrainRecipe
 from nnssl.optimizer import recipe_optimizer
+from nnssl.methods.progress_figure import save_progress_png
 from nnssl.methods.reconstruction_figure import save_reconstruction_png
 from nnssl.trainers.base import nnsslTrainerMixin
 
@@ -293,7 +294,7 @@ class nnsslPretrainTrainer(nnsslTrainerMixin, nnUNetTrainer):
             self.print_to_log_file(f"New best validation loss: {np.round(val_loss, decimals=5)}")
             self.save_checkpoint(join(self.output_folder, "checkpoint_best.pth"))
         if self.local_rank == 0:
-            self.logger.plot_progress_png(self.output_folder)
+            save_progress_png(self.logger.get_checkpoint(), self.output_folder)
         if self.current_epoch % self.recipe.reconstruction_png_every == 0 or last_epoch:
             self._save_reconstruction_png()
         self.current_epoch += 1

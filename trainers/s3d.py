@@ -20,6 +20,7 @@ from nnssl.integration.distributed import gather_from_all_ranks
 from nnssl.integration.seeding import MASK_STREAM, seeded_stream
 from nnssl.methods.mae_models import DenseMAEModel, S3DModel
 from nnssl.methods.masking import BlockMaskSampler, MaskingConfig, upsample_mask
+from nnssl.methods.reconstruction_figure import NOT_SCORED_NOTE
 from nnssl.methods.reconstruction_loss import masked_reconstruction_loss
 from nnssl.trainers.pretraining import nnsslPretrainTrainer
 from nnssl.trainers.variants import define_epoch_variants
@@ -98,7 +99,7 @@ class S3DPretrainTrainer(nnsslPretrainTrainer):
             "input": image,
             "masked input (what the encoder sees)": np.where(visible, image, 0),
             "reconstruction": prediction[0, 0].float().cpu().numpy(),
-            "target (masked voxels, where the loss counts)": target,
+            f"target: the masked voxels, where the loss counts ({NOT_SCORED_NOTE})": target,
         }
 
     def extra_state(self) -> dict:

@@ -43,7 +43,7 @@ UNLABELED_FOLDER = "unlabeled"
 ANATOMY_MASK_FOLDER = os.path.join("unlabeled_masks", "anatomy")
 FORMATS = (".nii.gz", ".nrrd", ".mha")
 PIXEL_TYPES = (np.uint16, np.int16, np.float32)
-UNLABELED_STREAM, LABELED_STREAM = 1, 2
+UNLABELED_STREAM, LABELED_STREAM, TEST_STREAM = 1, 2, 3
 
 # T1-like tissue intensities before scaling: outside -> inside
 SCALP, SKULL, CSF, GREY, WHITE = 0.75, 0.08, 0.2, 0.45, 0.65
@@ -224,9 +224,10 @@ def unlabeled_volume(seed: int, index: int) -> Tuple[sitk.Image, sitk.Image, str
             FORMATS[index % len(FORMATS)])
 
 
-def labeled_case(seed: int, index: int) -> Tuple[sitk.Image, sitk.Image]:
-    """Case ``index`` of the labeled set: (image, label with 1 = the lateral ventricles)."""
-    rng = _stream(seed, LABELED_STREAM, index)
+def labeled_case(seed: int, index: int, stream: int = LABELED_STREAM) -> Tuple[sitk.Image, sitk.Image]:
+    """Case ``index`` of the labeled set (``TEST_STREAM``: of the test set): (image, label with 1 = the lateral
+    ventricles)."""
+    rng = _stream(seed, stream, index)
     size = rng.integers(64, 97, 3)
     spacing = rng.uniform(0.9, 1.2, 3)
     direction = np.eye(3) if index % 2 == 0 else np.diag([-1.0, -1.0, 1.0])
@@ -254,24 +255,31 @@ def write_unlabeled(output_folder: Path, count: int, seed: int) -> List[Path]:
     return paths
 
 
-def write_labeled_dataset(dataset_folder: Path, count: int, seed: int) -> Path:
-    """Write the labeled nnU-Net raw dataset (imagesTr, labelsTr, dataset.json) into ``dataset_folder``.
-
-    Case files of an earlier, larger demo in this (demo-only) folder are removed so numTraining stays right.
-    """
-    images, labels = dataset_folder / "imagesTr", dataset_folder / "labelsTr"
+def write_cases(images: Path, labels: Path, prefix: str, count: int, seed: int, stream: int) -> None:
+    """Write cases ``{prefix}_000`` ... as nnU-Net image/label pairs; earlier, larger demos' extra cases of this
+    prefix in these (demo-only) folders are removed, so the folders hold exactly these cases."""
     images.mkdir(parents=True, exist_ok=True)
     labels.mkdir(parents=True, exist_ok=True)
-    cases = [f"demo_{index:03d}" for index in range(count)]
+    cases = [f"{prefix}_{index:03d}" for index in range(count)]
     for folder in (images, labels):
         for stale in folder.iterdir():
-            match = re.fullmatch(r"(demo_\d{3})(_0000)?\.nii\.gz", stale.name)
+            match = re.fullmatch(rf"({prefix}_\d{{3}})(_0000)?\.nii\.gz", stale.name)
             if match and match.group(1) not in cases:
                 stale.unlink()
     for index, case in enumerate(cases):
-        image, label = labeled_case(seed, index)
+        image, label = labeled_case(seed, index, stream)
         sitk.WriteImage(image, str(images / f"{case}_0000.nii.gz"), True)
         sitk.WriteImage(label, str(labels / f"{case}.nii.gz"), True)
+
+
+def write_labeled_dataset(dataset_folder: Path, count: int, seed: int, num_test: int = 0) -> Path:
+    """Write the labeled nnU-Net raw dataset (imagesTr, labelsTr, dataset.json) into ``dataset_folder``, and
+    ``num_test`` held-out cases into imagesTs/labelsTs (drawn from a stream of their own: the training cases do not
+    depend on ``num_test``)."""
+    write_cases(dataset_folder / "imagesTr", dataset_folder / "labelsTr", "demo", count, seed, LABELED_STREAM)
+    if num_test:
+        write_cases(dataset_folder / "imagesTs", dataset_folder / "labelsTs", "demo_test", num_test, seed,
+                    TEST_STREAM)
     (dataset_folder / "dataset.json").write_text(json.dumps({
         "name": LABELED_NAME,
         "description": "nnssl synthetic demo: segment the lateral ventricles of a synthetic head MRI",
@@ -293,13 +301,18 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="unlabeled volumes (default: %(default)s)")
     parser.add_argument("--num_labeled", type=int, default=6, metavar="N",
                         help="cases of the labeled dataset, 0 = none (default: %(default)s)")
+    parser.add_argument("--num_test", type=int, default=0, metavar="N",
+                        help="held-out cases of the labeled dataset in imagesTs/labelsTs, for nnUNetv2_predict "
+                             "(default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, metavar="SEED", help="random seed; same seed, same data (default: 0)")
     parser.add_argument("-d", dest="dataset_id", type=int, default=DEFAULT_LABELED_ID, metavar="LABELED_DATASET_ID",
                         help=f"nnU-Net ID of the labeled dataset, written to $nnUNet_raw/Dataset<ID>_{LABELED_NAME} "
                              f"(default: %(default)s)")
     args = parser.parse_args(argv)
-    if args.num_unlabeled < 0 or args.num_labeled < 0:
-        parser.error("--num_unlabeled and --num_labeled must not be negative")
+    if min(args.num_unlabeled, args.num_labeled, args.num_test) < 0:
+        parser.error("--num_unlabeled, --num_labeled and --num_test must not be negative")
+    if args.num_test and not args.num_labeled:
+        parser.error("--num_test cases belong to the labeled dataset: give --num_labeled too")
 
     from nnssl.integration.user_errors import run_user_command
 
@@ -318,10 +331,11 @@ def write_demo_data(args: argparse.Namespace) -> int:
     print(f"{len(paths)} unlabeled volumes in {output / UNLABELED_FOLDER}, "
           f"anatomy masks in {output / ANATOMY_MASK_FOLDER}")
     if dataset_folder is not None:
-        write_labeled_dataset(dataset_folder, args.num_labeled, args.seed)
-        print(f"{args.num_labeled} labeled cases in {dataset_folder}")
+        write_labeled_dataset(dataset_folder, args.num_labeled, args.seed, args.num_test)
+        print(f"{args.num_labeled} labeled cases in {dataset_folder}"
+              + (f", {args.num_test} test cases in its imagesTs/labelsTs" if args.num_test else ""))
     print(f"next: nnssl_ingest -i {output / UNLABELED_FOLDER} --anatomy_masks {output / ANATOMY_MASK_FOLDER} "
-          f"-d 501 -n nnsslDemoUnlabeled")
+          f"-d 501 -n DemoUnlabeled")
     return 0
 
 

@@ -16,9 +16,8 @@ as imagesTr/<case>_0000.nii.gz with identical voxel values and geometry (no resa
 a placeholder label map labelsTr/<case>.nii.gz: 1 = anatomy (every voxel when no anatomy mask is given),
 0 = outside the anatomy mask, 2 = anonymised (anonymization mask > 0, overrides the rest). Invalid images
 (unreadable, truncated or corrupt, invalid spacing, not 3D, not scalar, NaN/inf, constant, too small, mask
-problems) are rejected with a reason in
-nnssl_ingest_summary.json; the rest of the batch continues. Re-running skips cases whose source is unchanged and
-adds new ones. Source files are never modified."""
+problems) are rejected with a reason in nnssl_ingest_summary.json; the rest of the batch continues. Re-running
+skips cases whose source is unchanged and adds new ones. Source files are never modified."""
 
 EPILOG = """\
 mask matching (--anatomy_masks / --anonymization_masks DIR):
@@ -32,7 +31,8 @@ list file (-l): one image path per line, or a TSV/CSV whose header has an 'image
   'anatomy_mask' and 'anonymization_mask' (other columns are ignored). Relative paths are relative to the list
   file. Blank lines and lines starting with # are ignored.
 
-next step: nnUNetv2_plan_and_preprocess -d ID -pl nnsslPlanner"""
+next step: nnUNetv2_plan_and_preprocess -d ID -pl nnsslPlanner -c 3d_fullres -fpe nnsslFingerprintExtractor
+  (-fpe: the header-only fingerprint, which reads the voxels of 16 sampled cases only)"""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,6 +11,7 @@ from typing import Dict, Iterator, List, Optional, Sequence
 
 from tqdm import tqdm
 
+from nnssl import processes
 from nnssl.ingest.datasets import resolve_dataset_folder
 from nnssl.ingest.discover import IMAGE_EXTENSIONS, PathLike, discover
 from nnssl.ingest.errors import IngestError
@@ -26,7 +27,7 @@ PUBLISH_EVERY = 50
 
 def default_num_processes() -> int:
     """min(8, CPU count): reading and gzip-writing volumes is CPU bound, more workers mostly cost memory."""
-    return max(1, min(MAX_DEFAULT_PROCESSES, os.cpu_count() or 1))
+    return processes.default_num_processes(MAX_DEFAULT_PROCESSES)
 
 
 @dataclass

@@ -8,6 +8,8 @@ import numpy as np
 
 FIGURE_WIDTH_INCHES = 9
 CAPTION_CHARACTERS_PER_LINE = 80  # at matplotlib's default title size, 80 characters fit in 9 inches
+NOT_SCORED_COLOUR = "white"  # NaN voxels of a panel: in a masked target, the visible voxels that the loss skips
+NOT_SCORED_NOTE = f"{NOT_SCORED_COLOUR} blocks: visible voxels, not scored"
 
 
 def central_slices(volume: np.ndarray) -> np.ndarray:
@@ -21,7 +23,7 @@ def central_slices(volume: np.ndarray) -> np.ndarray:
 
 def reconstruction_figure(panels: Dict[str, np.ndarray], title: str):
     """One row per panel; ``panels`` maps a caption to a (X, Y, Z) array, and all panels share the intensity window
-    of the first one.
+    of the first one. NaN voxels are drawn in ``NOT_SCORED_COLOUR`` (say so in the caption, ``NOT_SCORED_NOTE``).
 
     Drawn in matplotlib's default style: nnU-Net's progress plot sets seaborn's ``font_scale=2.5`` for the whole
     process, at which the captions no longer fit. Captions are also wrapped and the layout is constrained, so that
@@ -31,13 +33,14 @@ def reconstruction_figure(panels: Dict[str, np.ndarray], title: str):
     matplotlib.use("agg")
     import matplotlib.pyplot as plt
 
+    colour_map = matplotlib.colormaps["gray"].with_extremes(bad=NOT_SCORED_COLOUR)
     first = next(iter(panels.values()))
     low, high = np.percentile(first[np.isfinite(first)], (0.5, 99.5))
     with plt.style.context("default"):
         figure, axes = plt.subplots(len(panels), 1, figsize=(FIGURE_WIDTH_INCHES, 3.2 * len(panels)),
                                     layout="constrained")
         for axis, (caption, volume) in zip(np.atleast_1d(axes), panels.items()):
-            axis.imshow(central_slices(volume.astype(np.float32)), cmap="gray", vmin=low, vmax=high)
+            axis.imshow(central_slices(volume.astype(np.float32)), cmap=colour_map, vmin=low, vmax=high)
             axis.set_title(textwrap.fill(caption, CAPTION_CHARACTERS_PER_LINE))
             axis.axis("off")
         figure.suptitle(textwrap.fill(title, CAPTION_CHARACTERS_PER_LINE))
