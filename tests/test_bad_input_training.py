@@ -125,9 +125,8 @@ def test_an_unwritable_results_folder_stops_the_trainer_constructor_with_one_lin
 
 def test_ctrl_c_during_training_says_which_checkpoint_was_kept(tiny_pretraining_dataset, tmp_path):
     folder = output_folder(tmp_path, "S3DPretrainTrainer")
-    env = {**os.environ, **results_of(tmp_path), "nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "1",
-           "nnssl_torch_threads": "1", "nnssl_num_epochs": "1000", "nnssl_iterations_per_epoch": "1",
-           "nnssl_val_iterations_per_epoch": "1"}
+    env = {**os.environ, **results_of(tmp_path), "nnUNet_def_n_proc": "1", "nnssl_num_epochs": "1000",
+           "nnssl_iterations_per_epoch": "1", "nnssl_val_iterations_per_epoch": "1"}  # nnU-Net's workers, as users
     process = subprocess.Popen([console_script(TRAIN[0]), *map(str, TRAIN[1:])], env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + COMMAND_TIMEOUT
