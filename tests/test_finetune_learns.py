@@ -18,8 +18,13 @@ from nnssl.demo.data import _rotation, centred_grid, HeadAnatomy, render_head
 UNSEEN_ID, UNSEEN_DATASET = 503, "Dataset503_UnseenBrain"
 SPACING = (0.9, 0.9, 2.5)  # x, y, z (mm): thick slices
 DIRECTIONS = (_rotation(0, 20) @ _rotation(2, 30) @ np.diag([-1.0, 1.0, 1.0]), _rotation(1, -25))
+# A learning measurement, not a test of the configuration users run (every method's smoke run and the README
+# quickstart test that, at nnU-Net's default threads and workers): 400 training iterations at two torch threads beside
+# another test's training oversubscribe a 2-core machine (1108 s measured, against about 180 s with one thread and
+# augmentation in the process).
+ONE_THREAD = {"nnssl_torch_threads": "1", "nnUNet_n_proc_DA": "0"}
 FINETUNE = {"nnssl_num_epochs": "5", "nnssl_iterations_per_epoch": "20", "nnssl_val_iterations_per_epoch": "1",
-            "nnssl_seed": "0", "nnssl_val_disable_tta": "1"}
+            "nnssl_seed": "0", "nnssl_val_disable_tta": "1", **ONE_THREAD}
 ARMS = ("nnsslFinetuneTrainer", "nnsslFinetuneTrainer_scratch", "nnsslTrainer")
 MIN_DICE = 0.5
 
@@ -65,7 +70,7 @@ def test_every_arm_segments_an_unseen_task_at_5x20_iterations(nnunet_dirs, tmp_p
                  "-npfp", 1, "--no_pbar"])
     run_command(["nnUNetv2_train", 501, "3d_fullres", "all", "-tr", "S3DPretrainTrainer", "-p", "nnsslPlansMini",
                  "-device", "cpu"], extra_env={"nnssl_num_epochs": "2", "nnssl_iterations_per_epoch": "5",
-                                               "nnssl_val_iterations_per_epoch": "1", "nnssl_seed": "0"})
+                                               "nnssl_val_iterations_per_epoch": "1", "nnssl_seed": "0", **ONE_THREAD})
     checkpoint = (nnunet_dirs["nnUNet_results"] / "Dataset501_DemoUnlabeled"
                   / "S3DPretrainTrainer__nnsslPlansMini__3d_fullres" / "fold_all" / "checkpoint_final.pth")
 

@@ -41,7 +41,8 @@ def test_start_up_hook_is_lazy():
     hook_lines = [line for line in timing.stderr.splitlines() if "nnssl" in line]
     assert any(line.rstrip().endswith("nnssl.integration.hook") for line in hook_lines), timing.stderr[-2000:]
     cumulative_us = max(int(re.split(r"\s*\|\s*", line.split(":", 1)[1])[1]) for line in hook_lines)
-    assert cumulative_us < 20_000  # a few hundred microseconds in practice; a torch import would be ~1e6
+    # a few hundred microseconds on an idle machine (24 ms seen once under a load of 7); a torch import is ~1e6
+    assert cumulative_us < 50_000
 
 
 def test_nothing_is_written_into_nnunetv2():

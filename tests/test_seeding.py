@@ -6,7 +6,8 @@ import torch
 from conftest import TINY_DATASET, TINY_DATASET_ID, run_command
 from nnssl.integration.seeding import MASK_STREAM, stream_seed
 
-SMOKE = {"nnssl_num_epochs": "2", "nnssl_iterations_per_epoch": "3", "nnssl_val_iterations_per_epoch": "2"}
+SMOKE = {"nnssl_num_epochs": "2", "nnssl_iterations_per_epoch": "3", "nnssl_val_iterations_per_epoch": "2",
+         "nnssl_val_disable_tta": "1"}
 
 
 def loss_curve(dirs, tmp_path, trainer: str, seed: str, run: str, workers: str) -> tuple:
