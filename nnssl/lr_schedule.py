@@ -1,7 +1,8 @@
 """Learning-rate shapes shared by pretraining and fine-tuning: linear warm-up, then poly (0.9) or cosine decay to 0.
 
 Stage lengths are fractions of a run (at least one step when the fraction is positive), so a smoke run has the same
-shape as a full one; a run too short for its warm-ups gets them cut to fit (``fitted_warmups``) and says so. Pretraining steps per epoch (as nnU-Net's schedulers), fine-tuning per iteration.
+shape as a full one; a run too short for its warm-ups gets them cut to fit (``fitted_warmups``) and says so.
+Pretraining steps per epoch (as nnU-Net's schedulers), fine-tuning per iteration.
 """
 
 import math

@@ -4,13 +4,13 @@ Stage 1 warms up the fresh decoder alone (encoder frozen) with a linear ramp to 
 whole network with a second linear ramp, stage 3 decays from the peak (poly 0.9, or cosine) to zero at the last
 iteration. The stages are fractions of the run's total iterations (at least one iteration each when the fraction
 is positive), so a 100-iteration smoke run has the same shape as the paper's 250k-iteration run; a run too short for
-both warm-ups and a decay step gets them cut to fit (the frozen-encoder warm-up kept first) and says so. Freezing is a zero
-learning rate for the encoder parameter group: the weights stay bit-identical, and it stays correct under DDP and
+both warm-ups and a decay step gets them cut to fit (the frozen-encoder warm-up kept first) and says so. Freezing is
+a zero learning rate for the encoder parameter group: the weights stay bit-identical, and it stays correct under DDP and
 torch.compile (no parameter ever stops receiving gradients).
 """
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Tuple
 
 from nnssl.finetuning.recipe import FinetuneRecipe
 from nnssl.lr_schedule import decayed, fitted_warmups, linear_warmup, shrink_note, stage_length
@@ -29,7 +29,7 @@ class FinetuneSchedule:
         object.__setattr__(self, "full_warmup_iterations", fitted[1])
 
     @property
-    def recipe_warmups(self) -> tuple:
+    def recipe_warmups(self) -> Tuple[int, int]:
         """The recipe's (decoder, whole-network) warm-up lengths for this run, before any fitting."""
         return (stage_length(self.recipe.decoder_warmup_fraction, self.total_iterations),
                 stage_length(self.recipe.full_warmup_fraction, self.total_iterations))
