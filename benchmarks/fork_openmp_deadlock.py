@@ -28,8 +28,8 @@ if case != "no_pool":
     for _ in range(5):
         square @ square  # the parent's OpenMP pool is now live
 if case == "parent_pool_handler":
-    from nnssl.integration.fork_safety import single_threaded_forked_children
-    single_threaded_forked_children()
+    from nnssl.integration.fork_safety import prepare_forked_children
+    prepare_forked_children()
 
 def worker(queue):
     x = torch.randn(256, 256)

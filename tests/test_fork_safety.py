@@ -46,7 +46,7 @@ def test_the_trainers_register_the_handler_before_any_worker_is_forked(monkeypat
     trainer.initialize()
     Trainer().initialize()  # a second trainer in the same process registers nothing more
     assert trainer.forks_after == registered and len(registered) == 1
-    assert registered[0]["after_in_child"] is fork_safety._one_torch_thread_in_child
+    assert registered[0]["after_in_child"] is fork_safety._prepare_child
 
 
 def test_the_hang_guard_kills_the_whole_process_group_and_says_hung(tmp_path):

@@ -2,17 +2,15 @@
 
 from typing import Optional
 
-import torch.distributed as dist
-
 from nnssl.integration.environment import flag_from_environment
-from nnssl.integration.fork_safety import single_threaded_forked_children
+from nnssl.integration.fork_safety import prepare_forked_children
 from nnssl.integration.smoke_run import (TORCH_THREADS_VARIABLE, VALIDATION_TTA_OFF_VARIABLE,
                                          apply_schedule_overrides, apply_torch_threads_override)
-from nnssl.integration.seeding import SEED_VARIABLE, seed_from_environment, seed_process, seeded_augmenters, stream_seed
-from nnssl.trainers.guards import nnsslInputGuards
+from nnssl.integration.seeding import SEED_VARIABLE, seed_from_environment, seed_process, stream_seed
+from nnssl.trainers.resumable import nnsslResumableTraining
 
 
-class nnsslTrainerMixin(nnsslInputGuards):
+class nnsslTrainerMixin(nnsslResumableTraining):
     """Schedule and seeding common to all nnssl trainers.
 
     Applied right before nnU-Net builds the network, optimizer and LR schedule in ``initialize()``: first the length
@@ -26,13 +24,9 @@ class nnsslTrainerMixin(nnsslInputGuards):
 
     fixed_num_epochs: Optional[int] = None
 
-    @property
-    def nnssl_rank(self) -> int:
-        return dist.get_rank() if self.is_ddp else 0
-
     def initialize(self):
         if not self.was_initialized:
-            single_threaded_forked_children()  # before any augmentation worker is forked
+            prepare_forked_children()  # before any augmentation worker is forked
             if self.fixed_num_epochs is not None:
                 self.num_epochs = self.fixed_num_epochs
             applied = apply_schedule_overrides(self)
@@ -47,13 +41,6 @@ class nnsslTrainerMixin(nnsslInputGuards):
                 self.print_to_log_file(f"{SEED_VARIABLE}={seed}: Python, numpy, torch and the augmentation workers "
                                        f"are seeded (rank {self.nnssl_rank})")
         super().initialize()
-
-    def get_dataloaders(self):
-        seed = seed_from_environment()
-        if seed is None:
-            return super().get_dataloaders()
-        with seeded_augmenters(seed, self.nnssl_rank):
-            return super().get_dataloaders()
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         if not flag_from_environment(VALIDATION_TTA_OFF_VARIABLE):

@@ -66,7 +66,6 @@ class nnsslFinetuneTrainer(nnsslTrainerMixin, nnUNetTrainer):
         self.num_epochs = self.recipe.num_epochs
         self.enable_deep_supervision = self.recipe.deep_supervision
         self.schedule: Optional[FinetuneSchedule] = None
-        self._iteration_in_epoch = 0
         self.restored_from_checkpoint = False
 
     def recipe_for_plans(self) -> FinetuneRecipe:
@@ -94,7 +93,8 @@ class nnsslFinetuneTrainer(nnsslTrainerMixin, nnUNetTrainer):
 
     @property
     def global_step(self) -> int:
-        return self.current_epoch * self.num_iterations_per_epoch + self._iteration_in_epoch
+        """The iteration being run (the training loop sets ``iteration_in_epoch``, a resumed one included)."""
+        return self.current_epoch * self.num_iterations_per_epoch + self.iteration_in_epoch
 
     # ------------------------------------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
@@ -115,10 +115,6 @@ class nnsslFinetuneTrainer(nnsslTrainerMixin, nnUNetTrainer):
                                f"iterations): {self.schedule.describe()}")
         return optimizer, FinetuneLRController(optimizer, self.schedule, self.num_iterations_per_epoch)
 
-    def on_train_epoch_start(self):
-        self._iteration_in_epoch = 0
-        super().on_train_epoch_start()
-
     def _reset_encoder_optimizer_state(self) -> None:
         """Momentum gathered while the encoder was frozen (LR 0) must not hit it when it starts to learn."""
         for group in self.optimizer.param_groups:
@@ -131,7 +127,6 @@ class nnsslFinetuneTrainer(nnsslTrainerMixin, nnUNetTrainer):
         if self.global_step == self.schedule.unfreeze_step:
             self._reset_encoder_optimizer_state()
         self.lr_scheduler.set(self.global_step)
-        self._iteration_in_epoch += 1
         with replaced_attribute(torch.nn.utils, "clip_grad_norm_", self._clip_at_recipe_norm):
             return super().train_step(batch)
 

@@ -1,18 +1,16 @@
 """Checks every nnssl trainer makes on what the user gave it, so that mistakes end in one line (``nnssl.errors``).
 
-A mixin of its own, below ``nnsslTrainerMixin``: a fold the dataset is too small for, a checkpoint that cannot be
-read (``--c``, ``--val``), and what a Ctrl-C keeps.
+A mixin of its own, below ``nnsslTrainerMixin``: a fold the dataset is too small for and what a Ctrl-C keeps (a
+checkpoint that cannot be read is reported by ``nnsslResumableTraining.load_checkpoint``).
 """
 
 from functools import partial
 
-import torch
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from batchgenerators.utilities.file_and_folder_operations import join
 
-from nnssl.integration.checkpoint import kept_checkpoints_note, read_checkpoint
+from nnssl.integration.checkpoint import kept_checkpoints_note
 from nnssl.integration.folds import check_fold_has_cases, check_fold_is_trainable
-from nnssl.integration.patching import replaced_attribute
 from nnssl.integration.user_errors import report_kept_on_interrupt
 
 
@@ -28,11 +26,6 @@ class nnsslInputGuards:
         training_cases, validation_cases = super().do_split()
         check_fold_is_trainable(self.fold, training_cases, splits_file)
         return training_cases, validation_cases
-
-    def load_checkpoint(self, filename_or_checkpoint) -> None:
-        """nnU-Net's ``load_checkpoint``, with a checkpoint file it cannot decode reported by name."""
-        with replaced_attribute(torch, "load", read_checkpoint):
-            super().load_checkpoint(filename_or_checkpoint)
 
     def on_train_start(self):
         report_kept_on_interrupt(partial(kept_checkpoints_note, self.output_folder))

@@ -24,7 +24,6 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 from torch import nn
-import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as nnunet_trainer_module
 from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
@@ -36,11 +35,11 @@ from nnssl.augmentation import PRETRAINING_ROTATION, PRETRAINING_SCALING, spatia
 from nnssl.citations import Citation
 from nnssl.device_augmentation import DeviceSpatialAugmentation, SpatialAugmentationConfig
 from nnssl.finetuning.adaptation_plan import build_adaptation_plan
-from nnssl.integration.checkpoint import (PretrainingCheckpoint, atomic_torch_save, checkpoint_dict,
-                                          checkpoint_from_dict, read_checkpoint, unwrap)
+from nnssl.integration.checkpoint import (PretrainingCheckpoint, checkpoint_dict, checkpoint_from_dict,
+                                          save_checkpoint_generation, unwrap)
 from nnssl.integration.distributed import gather_from_all_ranks
-from nnssl.integration.patching import replaced_attribute
 from nnssl.integration.pretraining_loader import PretrainingDataLoader
+from nnssl.integration.run_state import RUN_STATE_KEY
 from nnssl.integration.seeding import DEVICE_AUGMENTATION_STREAM, seeded_stream
 from nnssl.lr_schedule import EpochLRScheduler
 from nnssl.methods.recipe import PRETRAIN_RECIPE, PretrainRecipe
@@ -68,6 +67,7 @@ class NonFiniteLossError(RuntimeError):
 class nnsslPretrainTrainer(nnsslTrainerMixin, nnUNetTrainer):
     citations: Tuple[Citation, ...] = citations.PRETRAINING_BASE
     recipe: PretrainRecipe = PRETRAIN_RECIPE
+    skips_unreadable_cases = True  # one unreadable volume among thousands must not end the run
 
     def __init__(self, plans: dict, configuration: str, fold, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -188,8 +188,12 @@ class nnsslPretrainTrainer(nnsslTrainerMixin, nnUNetTrainer):
     def get_dataloaders(self):
         if self.spatial_augmentation_on_device:
             self.device_augmentation = self.build_device_augmentation()
-        with replaced_attribute(nnunet_trainer_module, "nnUNetDataLoader", self.data_loader_class()):
-            return super().get_dataloaders()
+        return super().get_dataloaders()
+
+    def random_generators(self) -> Dict[str, torch.Generator]:
+        if not self.spatial_augmentation_on_device:
+            return {}
+        return {"device_augmentation": self.device_augmentation.generator}
 
     def device_training_batch(self, batch: dict) -> dict:
         """The training batch on ``self.device``, spatially augmented there when ``spatial_augmentation_on_device``."""
@@ -287,6 +291,9 @@ class nnsslPretrainTrainer(nnsslTrainerMixin, nnUNetTrainer):
         self.print_to_log_file(f"Epoch time: {np.round(epoch_time, decimals=2)} s")
 
         last_epoch = self.current_epoch == self.num_epochs - 1
+        # the figure draws a batch and masks: before the checkpoints, which keep the streams the next epoch continues
+        if self.current_epoch % self.recipe.reconstruction_png_every == 0 or last_epoch:
+            self._save_reconstruction_png()
         if (self.current_epoch + 1) % self.save_every == 0 and not last_epoch:
             self.save_checkpoint(join(self.output_folder, "checkpoint_latest.pth"))
         if np.isfinite(val_loss) and (self.best_val_loss is None or val_loss < self.best_val_loss):
@@ -295,8 +302,6 @@ class nnsslPretrainTrainer(nnsslTrainerMixin, nnUNetTrainer):
             self.save_checkpoint(join(self.output_folder, "checkpoint_best.pth"))
         if self.local_rank == 0:
             save_progress_png(self.logger.get_checkpoint(), self.output_folder)
-        if self.current_epoch % self.recipe.reconstruction_png_every == 0 or last_epoch:
-            self._save_reconstruction_png()
         self.current_epoch += 1
 
     def _save_reconstruction_png(self) -> None:
@@ -304,7 +309,7 @@ class nnsslPretrainTrainer(nnsslTrainerMixin, nnUNetTrainer):
         ratio, stay in step; no rank runs the DDP model alone); rank 0 writes the PNG."""
         self.network.eval()
         with torch.no_grad(), self.autocast():
-            panels = self.reconstruction_panels(next(self.dataloader_val))
+            panels = self.reconstruction_panels(self.next_batch("val"))
         if panels is not None and self.local_rank == 0:
             filename = join(self.output_folder, f"reconstruction_epoch_{self.current_epoch:04d}.png")
             save_reconstruction_png(panels, filename, f"{self.__class__.__name__}, epoch {self.current_epoch}")
@@ -320,6 +325,7 @@ class nnsslPretrainTrainer(nnsslTrainerMixin, nnUNetTrainer):
 
     def save_checkpoint(self, filename: str) -> None:
         extra_state = self.extra_state()  # on every rank: it may gather per-rank state
+        run_state = self.run_state()  # collective too
         if self.local_rank != 0:
             return
         if self.disable_checkpointing:
@@ -330,28 +336,22 @@ class nnsslPretrainTrainer(nnsslTrainerMixin, nnUNetTrainer):
             network_weights=self.transferable_state_dict(model), pretraining_weights=model.state_dict(),
             optimizer_state=self.optimizer.state_dict(),
             grad_scaler_state=self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
-            logging=self.logger.get_checkpoint(), best_ema=self._best_ema, next_epoch=self.current_epoch + 1,
-            init_args=self.my_init_kwargs, trainer_name=self.__class__.__name__,
-            inference_allowed_mirroring_axes=self.inference_allowed_mirroring_axes,
+            logging=self.logger.get_checkpoint(), best_ema=self._best_ema,
+            next_epoch=run_state["position"]["epoch"], init_args=self.my_init_kwargs,
+            trainer_name=self.__class__.__name__, inference_allowed_mirroring_axes=self.inference_allowed_mirroring_axes,
             best_val_loss=self.best_val_loss, trainer_state=extra_state, adaptation_plan=self.adaptation_plan(),
             citations=citations.checkpoint_entries(self.citations))
-        atomic_torch_save(checkpoint_dict(checkpoint), filename)
+        save_checkpoint_generation({**checkpoint_dict(checkpoint), RUN_STATE_KEY: run_state}, filename)
 
-    def load_checkpoint(self, filename_or_checkpoint) -> None:
-        if not self.was_initialized:
-            self.initialize()
-        loaded = filename_or_checkpoint
-        if isinstance(filename_or_checkpoint, str):
-            loaded = read_checkpoint(filename_or_checkpoint, map_location=self.device)
-        source = filename_or_checkpoint if isinstance(filename_or_checkpoint, str) else "the checkpoint"
-        checkpoint = checkpoint_from_dict(loaded, source)
-        unwrap(self.network).load_state_dict(checkpoint.pretraining_weights)
-        self.my_init_kwargs = checkpoint.init_args
-        self.current_epoch = checkpoint.next_epoch
-        self.logger.load_checkpoint(checkpoint.logging)
-        self._best_ema = checkpoint.best_ema
-        self.best_val_loss = checkpoint.best_val_loss
-        self.optimizer.load_state_dict(checkpoint.optimizer_state)
-        if self.grad_scaler is not None and checkpoint.grad_scaler_state is not None:
-            self.grad_scaler.load_state_dict(checkpoint.grad_scaler_state)
-        self.load_extra_state(checkpoint.trainer_state)
+    def restore_checkpoint(self, checkpoint: dict, source: str) -> None:
+        restored = checkpoint_from_dict(checkpoint, source)
+        unwrap(self.network).load_state_dict(restored.pretraining_weights)
+        self.my_init_kwargs = restored.init_args
+        self.current_epoch = restored.next_epoch
+        self.logger.load_checkpoint(restored.logging)
+        self._best_ema = restored.best_ema
+        self.best_val_loss = restored.best_val_loss
+        self.optimizer.load_state_dict(restored.optimizer_state)
+        if self.grad_scaler is not None and restored.grad_scaler_state is not None:
+            self.grad_scaler.load_state_dict(restored.grad_scaler_state)
+        self.load_extra_state(restored.trainer_state)

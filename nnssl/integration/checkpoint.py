@@ -13,10 +13,16 @@ from nnssl.errors import UserError
 
 # the files nnUNetv2_train --c looks for, in its order
 RESUME_ORDER = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
+LATEST, PREVIOUS = "checkpoint_latest.pth", "checkpoint_previous.pth"  # PREVIOUS: the generation before LATEST
 
 
 class CheckpointError(UserError, RuntimeError):
-    """A checkpoint a trainer cannot resume from: truncated, corrupt, or of another kind (the message names it)."""
+    """A checkpoint a trainer cannot resume from: truncated, corrupt, or of another kind (the message names it;
+    ``detail`` is the reader's own first line, where there is one)."""
+
+    def __init__(self, message: str, detail: str = "") -> None:
+        super().__init__(message)
+        self.detail = detail
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -38,6 +44,43 @@ def atomic_torch_save(obj, filename: Union[str, Path]) -> None:
     os.replace(temporary, filename)
 
 
+def save_checkpoint_generation(obj, filename: Union[str, Path]) -> None:
+    """``atomic_torch_save``; a new ``checkpoint_latest.pth`` first moves the one it replaces to
+    ``checkpoint_previous.pth``, so that a latest checkpoint found unreadable later still has a predecessor."""
+    filename = str(filename)
+    if os.path.basename(filename) != LATEST or not os.path.isfile(filename):
+        atomic_torch_save(obj, filename)
+        return
+    temporary = f"{filename}.tmp-{os.getpid()}"
+    torch.save(obj, temporary)
+    os.replace(filename, os.path.join(os.path.dirname(filename), PREVIOUS))
+    os.replace(temporary, filename)
+
+
+def previous_generation(filename: str) -> Optional[str]:
+    """``checkpoint_previous.pth`` next to a ``checkpoint_latest.pth`` (None for other files or when absent)."""
+    if os.path.basename(filename) != LATEST:
+        return None
+    previous = os.path.join(os.path.dirname(filename), PREVIOUS)
+    return previous if os.path.isfile(previous) else None
+
+
+def read_checkpoint_or_previous(filename: str, map_location: Union[str, torch.device, None],
+                                say: Callable[[str], None]) -> Tuple[dict, str]:
+    """``read_checkpoint(filename)`` and the file read; an unreadable ``checkpoint_latest.pth`` falls back to the
+    previous generation, and ``say`` tells which file was skipped and why."""
+    try:
+        return read_checkpoint(filename, map_location=map_location), filename
+    except CheckpointError as error:
+        previous = previous_generation(filename)
+        if previous is None:
+            raise
+        checkpoint = read_checkpoint(previous, map_location=map_location)
+        say(f"{filename} cannot be read (torch.load: {error.detail}); "
+            f"resuming from the previous generation {previous} (epoch {checkpoint.get('current_epoch')}) instead")
+        return checkpoint, previous
+
+
 def read_checkpoint(filename: str, map_location: Union[str, torch.device, None] = None, weights_only: bool = False,
                     load: Callable = torch.load) -> dict:
     """``torch.load`` of a checkpoint to resume or validate from; a file it cannot decode (cut short by a full disk
@@ -53,7 +96,7 @@ def read_checkpoint(filename: str, map_location: Union[str, torch.device, None] 
     except Exception as error:
         detail = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise CheckpointError(f"{filename} is truncated or corrupt (torch.load: {detail}), so nothing can be "
-                              f"restored from it. {way_out(filename)}") from None
+                              f"restored from it. {way_out(filename)}", detail) from None
 
 
 def way_out(filename: str) -> str:

@@ -1,31 +1,57 @@
-"""Processes forked from a training process run torch with one thread, so that they never touch the parent's
-OpenMP thread pool.
+"""Processes forked from a training process (nnU-Net's augmentation workers) are made safe for the parent: they run
+torch with one thread, die with the parent, and leave preemption signals to it.
 
-PyTorch's CPU kernels (ATen's ``parallel_for``, MKL, oneDNN) run on GNU OpenMP, which is not fork-safe: once the
-parent has run a parallel region, a forked child's first parallel region waits forever for pool threads that
-``fork()`` did not copy. ``nnUNetv2_train -device cpu`` gives torch one thread per core, so the parent's pool is live
-as soon as it has run one large enough op (loading pretrained weights, building the network, a validation step).
-nnU-Net's default augmenter (``NonDetMultiThreadedAugmenter``) sets one torch thread in each worker before it works;
-batchgenerators' ordered ``MultiThreadedAugmenter``, which ``nnssl_seed`` uses, does not, and its first
-``SpatialTransform`` (a batched ``torch.matmul``) then hangs at 0 % CPU. An after-fork handler fixes this for every
-child, whatever forks it: augmentation workers are meant to be single-threaded anyway (one process per core).
+* One torch thread. PyTorch's CPU kernels (ATen's ``parallel_for``, MKL, oneDNN) run on GNU OpenMP, which is not
+  fork-safe: once the parent has run a parallel region, a forked child's first parallel region waits forever for pool
+  threads that ``fork()`` did not copy. ``nnUNetv2_train -device cpu`` gives torch one thread per core, so the
+  parent's pool is live as soon as it has run one large enough op. nnU-Net's default augmenter sets one torch thread
+  in each worker; batchgenerators' ordered ``MultiThreadedAugmenter``, which ``nnssl_seed`` uses, does not, and its
+  first ``SpatialTransform`` (a batched ``torch.matmul``) then hangs at 0 % CPU.
+* Death with the parent (Linux ``PR_SET_PDEATHSIG``). A worker whose trainer was killed (``kill -9``, a node's OOM
+  killer) used to live on as an orphan, holding the sockets it inherited from the trainer: the dead rank's
+  ``torch.distributed`` connections. torchrun's restarted ranks then waited forever in ``init_process_group``.
+* Preemption signals stay the trainer's. SLURM signals every process of a job step: a worker killed by ``SIGUSR1``
+  would end the run before the trainer could checkpoint, so workers ignore it; ``SIGTERM`` keeps its default action
+  (batchgenerators stops its workers with it).
 """
 
+import ctypes
 import os
+import signal
+import sys
 
 import torch
 
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 _registered = False
+_parent_pid = os.getpid()
 
 
-def _one_torch_thread_in_child() -> None:
-    # only sets OpenMP's and MKL's thread-count variables: safe before the child has run any torch op
+def _remember_parent() -> None:
+    global _parent_pid
+    _parent_pid = os.getpid()
+
+
+def _die_with_parent() -> None:
+    if not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != _parent_pid:  # the parent died before the request took effect
+        os._exit(1)
+
+
+def _prepare_child() -> None:
+    # set_num_threads only sets OpenMP's and MKL's thread-count variables: safe before the child ran any torch op
     torch.set_num_threads(1)
+    _die_with_parent()
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def single_threaded_forked_children() -> None:
-    """Register (once per process) the after-fork handler that gives every forked child one torch thread."""
+def prepare_forked_children() -> None:
+    """Register (once per process) the fork handlers that make every forked child single-threaded, mortal with its
+    parent and deaf to the parent's preemption signals."""
     global _registered
     if not _registered:
-        os.register_at_fork(after_in_child=_one_torch_thread_in_child)
+        os.register_at_fork(before=_remember_parent, after_in_child=_prepare_child)
         _registered = True

@@ -8,18 +8,22 @@ cases and crop boxes exactly as ``nnUNetDataLoader`` (its ``get_indices`` and ``
   blosc2 decompresses only the chunks the box touches; the batch is allocated in shared memory, where a worker
   process must put it anyway), and
 * reads the region map only with ``read_region_map=True``; otherwise the transforms see no ``segmentation`` and the
-  batch's ``target`` is whatever they put there (Models Genesis: the clean patch; VoCo: overlaps), or None.
+  batch's ``target`` is whatever they put there (Models Genesis: the clean patch; VoCo: overlaps), or None;
+* skips a case it cannot read (another case takes its place) and reports it in the batch under
+  ``nnssl.integration.unreadable_cases.BATCH_KEY``: the trainer decides whether the run goes on.
 """
 
 from __future__ import annotations
 
 import math
-from typing import List, Sequence, Tuple
+from typing import List, Sequence, Set, Tuple
 
 import numpy as np
 import torch
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from threadpoolctl import threadpool_limits
+
+from nnssl.integration.unreadable_cases import BATCH_KEY, UnreadableCaseError, unreadable_report
 
 IMAGE_PAD_VALUE = 0
 REGION_PAD_VALUE = -1  # as nnU-Net's loader: outside the image
@@ -63,6 +67,7 @@ class PretrainingDataLoader(nnUNetDataLoader):
             raise ValueError("PretrainingDataLoader reads 3D patches only.")
         self.read_region_map = read_region_map
         self.shared_batches = shared_batches
+        self.unreadable: Set[str] = set()
 
     def _zeros(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         return shared_zeros(shape, dtype) if self.shared_batches else torch.zeros(tuple(shape), dtype=dtype)
@@ -77,31 +82,55 @@ class PretrainingDataLoader(nnUNetDataLoader):
 
     def generate_train_batch(self) -> dict:
         keys: List[str] = self.get_indices()
-        data_all = seg_all = None
+        batch: dict = {"data": None, "target": None}
+        reports: List[Tuple[str, str]] = []
         with torch.no_grad(), threadpool_limits(limits=1, user_api=None):
             for j, key in enumerate(keys):
-                data, seg, bbox = self._case_and_box(key, self.get_do_oversample(j))
-                if self.transforms is None:  # the read patch is the sample: straight into the zeroed batch
-                    if data_all is None:
-                        data_all = self._zeros((self.batch_size, data.shape[0], *self.patch_size), torch.float32)
-                        if self.read_region_map:
-                            seg_all = self._zeros((self.batch_size, seg.shape[0], *self.patch_size), torch.int16)
-                    crop_into(data_all[j], data, bbox, IMAGE_PAD_VALUE, zeroed=True)
-                    if seg_all is not None:
-                        crop_into(seg_all[j], seg, bbox, REGION_PAD_VALUE)
-                    continue
-                sample = {"image": torch.empty((data.shape[0], *self.patch_size), dtype=torch.float32)}
-                crop_into(sample["image"], data, bbox, IMAGE_PAD_VALUE)
+                keys[j] = self._read_readable_sample(j, key, batch, reports)
+        return {"data": batch["data"], "target": batch["target"], "keys": keys, BATCH_KEY: reports}
+
+    def _read_readable_sample(self, j: int, key: str, batch: dict, reports: List[Tuple[str, str]]) -> str:
+        """Sample ``j`` read from ``key`` or, where a case cannot be read, from another case; returns the case read.
+        A case that failed once is never read again by this loader; ``reports`` gets (case, problem) when it fails."""
+        while True:
+            if key not in self.unreadable:
+                try:
+                    self._read_sample(j, key, batch)
+                    return key
+                except Exception as error:  # a truncated or corrupt file: whatever blosc2 or pickle raise
+                    reports.append(unreadable_report(self._data.source_folder, key, error))
+                    self.unreadable.add(key)
+                    for tensor in (batch["data"], batch["target"]):
+                        if tensor is not None:
+                            tensor[j].zero_()  # a partial read must not stay in the zero-padded batch
+            readable = [case for case in self.indices if case not in self.unreadable]
+            if not readable:
+                raise UnreadableCaseError(f"None of the {len(self.indices)} cases of this loader can be read: "
+                                          f"{'; '.join(problem for _, problem in reports)}")
+            key = readable[np.random.randint(len(readable))]
+
+    def _read_sample(self, j: int, key: str, batch: dict) -> None:
+        data, seg, bbox = self._case_and_box(key, self.get_do_oversample(j))
+        if self.transforms is None:  # the read patch is the sample: straight into the zeroed batch
+            if batch["data"] is None:
+                batch["data"] = self._zeros((self.batch_size, data.shape[0], *self.patch_size), torch.float32)
                 if self.read_region_map:
-                    sample["segmentation"] = torch.empty((seg.shape[0], *self.patch_size), dtype=torch.int16)
-                    crop_into(sample["segmentation"], seg, bbox, REGION_PAD_VALUE)
-                sample = self.transforms(**sample)
-                if data_all is None:
-                    data_all = torch.empty((self.batch_size, *sample["image"].shape), dtype=torch.float32)
-                data_all[j] = sample["image"]
-                target = sample.get("segmentation")
-                if target is not None:
-                    if seg_all is None:
-                        seg_all = torch.empty((self.batch_size, *target.shape), dtype=target.dtype)
-                    seg_all[j] = target
-        return {"data": data_all, "target": seg_all, "keys": keys}
+                    batch["target"] = self._zeros((self.batch_size, seg.shape[0], *self.patch_size), torch.int16)
+            crop_into(batch["data"][j], data, bbox, IMAGE_PAD_VALUE, zeroed=True)
+            if batch["target"] is not None:
+                crop_into(batch["target"][j], seg, bbox, REGION_PAD_VALUE)
+            return
+        sample = {"image": torch.empty((data.shape[0], *self.patch_size), dtype=torch.float32)}
+        crop_into(sample["image"], data, bbox, IMAGE_PAD_VALUE)
+        if self.read_region_map:
+            sample["segmentation"] = torch.empty((seg.shape[0], *self.patch_size), dtype=torch.int16)
+            crop_into(sample["segmentation"], seg, bbox, REGION_PAD_VALUE)
+        sample = self.transforms(**sample)
+        if batch["data"] is None:
+            batch["data"] = torch.empty((self.batch_size, *sample["image"].shape), dtype=torch.float32)
+        batch["data"][j] = sample["image"]
+        target = sample.get("segmentation")
+        if target is not None:
+            if batch["target"] is None:
+                batch["target"] = torch.empty((self.batch_size, *target.shape), dtype=target.dtype)
+            batch["target"][j] = target
