@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -44,17 +45,9 @@ def _last_line(*texts: str) -> str:
     return lines[-1] if lines else "(no output)"
 
 
-def run_command(args: List, cwd: Optional[Path] = None, extra_env: Optional[Dict[str, str]] = None,
-                timeout: float = HANG_TIMEOUT, check: bool = True,
-                env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
-    """Run an installed console script in a subprocess with the user's defaults plus ``extra_env``.
-
-    nnU-Net's defaults stay as users get them: one torch thread per core on ``-device cpu`` and nnU-Net's number of
-    forked augmentation workers. Only nnU-Net's export/evaluation pools are cut to one process (each spawned process
-    costs seconds here and trains nothing), and idle OpenMP threads sleep instead of spinning. A command still running after ``timeout`` is killed with every process it
-    started (its own session) and reported as hung, with its last output line. ``env`` replaces this process's
-    environment as the base (nothing is added to it but ``extra_env``).
-    """
+def command_environment(extra_env: Optional[Dict[str, str]] = None,
+                        env: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    """The environment of a test command: the user's defaults plus ``extra_env`` (see ``run_command``)."""
     if env is None:
         env = {**os.environ}
         env.setdefault("nnUNet_def_n_proc", "1")
@@ -62,23 +55,84 @@ def run_command(args: List, cwd: Optional[Path] = None, extra_env: Optional[Dict
         # spinning (1.6-2.7x faster test runs, measured). Thread counts and forking stay nnU-Net's, and the fork
         # deadlock of the augmentation workers reproduces under this policy too (benchmarks/fork_openmp_deadlock.py).
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    env = {**env, **(extra_env or {})}
-    command = [console_script(str(args[0]))] + [str(a) for a in args[1:]]
-    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True)
+    return {**env, **(extra_env or {})}
+
+
+def _command_line(args: List) -> List[str]:
+    return [console_script(str(args[0]))] + [str(a) for a in args[1:]]
+
+
+def _hung(command: List[str], timeout: float, stdout: str, stderr: str) -> CommandHung:
+    return CommandHung(f"{' '.join(command)} hung: no exit after {timeout:.0f} s (killed); last line: "
+                       f"{_last_line(stdout, stderr)}\n--- stdout ---\n{stdout[-3000:]}\n--- stderr ---\n"
+                       f"{stderr[-3000:]}")
+
+
+def run_command(args: List, cwd: Optional[Path] = None, extra_env: Optional[Dict[str, str]] = None,
+                timeout: float = HANG_TIMEOUT, check: bool = True,
+                env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
+    """Run an installed console script in a subprocess with the user's defaults plus ``extra_env``.
+
+    nnU-Net's defaults stay as users get them: one torch thread per core on ``-device cpu`` and nnU-Net's number of
+    forked augmentation workers. Only nnU-Net's export/evaluation pools are cut to one process (each spawned process
+    costs seconds here and trains nothing), and idle OpenMP threads sleep instead of spinning. A command still running
+    after ``timeout`` is killed with every process it started (its own session) and reported as hung, with its last
+    output line. ``env`` replaces this process's environment as the base (nothing is added to it but ``extra_env``).
+    """
+    command = _command_line(args)
+    process = subprocess.Popen(command, cwd=cwd, env=command_environment(extra_env, env), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         stdout, stderr = process.communicate()
-        raise CommandHung(f"{' '.join(command)} hung: no exit after {timeout:.0f} s (killed); last line: "
-                          f"{_last_line(stdout, stderr)}\n--- stdout ---\n{stdout[-3000:]}\n--- stderr ---\n"
-                          f"{stderr[-3000:]}") from None
+        raise _hung(command, timeout, stdout, stderr) from None
     result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed with exit code {result.returncode}\n"
                              f"--- stdout ---\n{result.stdout[-6000:]}\n--- stderr ---\n{result.stderr[-6000:]}")
     return result
+
+
+class StartedCommand:
+    """A test command running in the background (own session), its output going to ``log``: for tests that act on
+    it while it runs (signals, kills) and then wait for it under the same hang guard as ``run_command``."""
+
+    def __init__(self, args: List, log: Path, extra_env: Optional[Dict[str, str]] = None) -> None:
+        self.command = _command_line(args)
+        self.log = log
+        with open(log, "w") as output:
+            self.process = subprocess.Popen(self.command, env=command_environment(extra_env), stdout=output,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+
+    @property
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for(self, text: str, timeout: float = HANG_TIMEOUT) -> None:
+        """Return once ``text`` is in the output; an error if the command exits first or never prints it."""
+        deadline = time.monotonic() + timeout
+        while text not in self.output:
+            if self.process.poll() is not None:
+                raise AssertionError(f"{' '.join(self.command)} exited ({self.process.returncode}) before printing "
+                                     f"{text!r}\n{self.output[-6000:]}")
+            if time.monotonic() > deadline:
+                self.kill()
+                raise _hung(self.command, timeout, self.output, "")
+            time.sleep(0.05)
+
+    def finish(self, timeout: float = HANG_TIMEOUT) -> int:
+        """The exit code, once the command has exited (killed and reported as hung after ``timeout``)."""
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise _hung(self.command, timeout, self.output, "") from None
+
+    def kill(self) -> None:
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
 
 
 def write_labeled_dataset(raw_dir: Path, dataset_id: int, name: str, shapes, spacings, seed: int = 0,

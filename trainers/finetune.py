@@ -66,7 +66,6 @@ class nnsslFinetuneTrainer(nnsslTrainerMixin, nnUNetTrainer):
         self.num_epochs = self.recipe.num_epochs
         self.enable_deep_supervision = self.recipe.deep_supervision
         self.schedule: Optional[FinetuneSchedule] = None
-        self.restored_from_checkpoint = False
 
     def recipe_for_plans(self) -> FinetuneRecipe:
         """``recipe`` for U-Net plans, ``primus_recipe`` for Primus plans."""
@@ -149,13 +148,9 @@ class nnsslFinetuneTrainer(nnsslTrainerMixin, nnUNetTrainer):
         validated with ``--val``) restores its own checkpoint and never needs the pretrained file again."""
         if not self.was_initialized:
             self.initialize()
-        if self.recipe.loads_pretrained and not self.restored_from_checkpoint:
+        if self.recipe.loads_pretrained and self.nnssl_resumed_from is None:
             self._load_pretrained_weights()
         super().on_train_start()
-
-    def load_checkpoint(self, filename_or_checkpoint) -> None:
-        super().load_checkpoint(filename_or_checkpoint)
-        self.restored_from_checkpoint = True
 
     def _load_pretrained_weights(self) -> None:
         path = self.pretrained_checkpoint_path()

@@ -98,7 +98,7 @@ class nnsslResumableTraining(nnsslInputGuards):
             self.nnssl_resumed_from: Optional[str] = None
             self._preemption = PreemptionRequest()
             self._resumed: Optional[RunState] = None
-            self._stop: Optional[tuple] = None  # (position, epoch outputs, signal) while a preemption is saved
+            self._stop: Optional[tuple] = None  # (position, epoch outputs) while a preemption is saved
         super().initialize()
 
     @property
@@ -152,8 +152,15 @@ class nnsslResumableTraining(nnsslInputGuards):
         try:
             while self.current_epoch < self.num_epochs:
                 self._run_epoch()
-        finally:
+        except Preempted:
+            # the handlers stay: torchrun sends SIGTERM to the ranks still exiting once the first has exited
+            finish_augmenters(self)
+            raise
+        except BaseException:
             self._preemption.uninstall()
+            finish_augmenters(self)  # workers stopped before the error is reported, not torn down at exit
+            raise
+        self._preemption.uninstall()
         self.on_train_end()
 
     def _run_epoch(self) -> None:
@@ -198,18 +205,19 @@ class nnsslResumableTraining(nnsslInputGuards):
         signal_name = self._preemption.received or "a preemption signal to another rank"
         self.print_to_log_file(f"{signal_name}: stopping before iteration {position.iteration} of epoch "
                                f"{position.epoch}; writing {LATEST}")
-        self._stop = (position, epoch_outputs, signal_name)
+        self._stop = (position, epoch_outputs)
         self.save_checkpoint(join(self.output_folder, LATEST))
         self.print_to_log_file(f"Preempted: checkpoint written, exiting with code {PREEMPTED_EXIT_CODE}. Rerun the "
                                f"same command to continue this run from it.")
-        finish_augmenters(self)
         raise Preempted()
 
     # ----------------------------------------------------------------------------------------------- checkpoints
     def run_state(self) -> dict:
         """This run's ``nnssl_run_state`` (collective: every rank contributes its streams and epoch outputs)."""
         if self._stop is not None:
-            position, epoch_outputs, signal_name = self._stop
+            position, epoch_outputs = self._stop
+            received = [name for name in gather_from_all_ranks(self._preemption.received) if name]
+            signal_name = received[0] if received else "a preemption request"
         else:  # written at the end of an epoch (nnU-Net saves before it counts the epoch as done)
             position, epoch_outputs, signal_name = Position(self.current_epoch + 1, 0), [], None
         rank_state = RankState(capture_random_streams(self.device, self.random_generators()), list(epoch_outputs))
@@ -255,8 +263,10 @@ class nnsslResumableTraining(nnsslInputGuards):
         self.nnssl_resumed_from = source
 
     def restore_checkpoint(self, checkpoint: dict, source: str) -> None:
-        """Weights, optimizer, logger and epoch from a checkpoint dict (nnU-Net's own ``load_checkpoint``)."""
-        super().load_checkpoint(checkpoint)
+        """Weights, optimizer, logger and epoch from a checkpoint dict, by nnU-Net's own ``load_checkpoint`` (which in
+        2.8.1 takes only a file name: the checkpoint already read stands in for ``torch.load``'s answer)."""
+        with replaced_attribute(torch, "load", lambda *args, **kwargs: checkpoint):
+            super().load_checkpoint(source)
 
     def _restore_run_state(self, state: Optional[RunState]) -> None:
         if state is None:
@@ -293,6 +303,9 @@ class nnsslResumableTraining(nnsslInputGuards):
         self.unreadable_cases.num_cases = num_cases
 
     def on_train_end(self):
+        if self.unreadable_cases.cases:
+            self.print_to_log_file(f"{len(self.unreadable_cases.cases)} unreadable case(s) skipped in this run: "
+                                   f"{', '.join(sorted(self.unreadable_cases.cases))}")
         super().on_train_end()
         previous = join(self.output_folder, PREVIOUS)
         if self.local_rank == 0 and isfile(previous):

@@ -21,6 +21,7 @@ from typing import Any, Iterator, List, Mapping, Optional
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.rendezvous import rendezvous
 from torch.nn.parallel import DistributedDataParallel
 
 from nnssl.errors import UserError
@@ -151,6 +152,17 @@ def nnunet_on_local_device() -> Iterator[None]:
         yield
 
 
+def attempt_store(env: TorchrunEnvironment, environ: Mapping[str, str] = os.environ) -> dist.Store:
+    """torchrun's store (MASTER_ADDR:MASTER_PORT), with keys of this restart attempt only.
+
+    torchrun (2.x, c10d rendezvous) serves the same store to every attempt of a job, and the default process group
+    writes the same keys each time: after ``--max-restarts`` started new ranks, gloo read the previous attempt's
+    addresses of the other ranks and failed to connect (or, while the dead rank's orphaned workers held its sockets,
+    waited forever). The attempt number (``TORCHELASTIC_RESTART_COUNT``) keeps the attempts apart."""
+    store, _, _ = next(rendezvous("env://", rank=env.rank, world_size=env.world_size))
+    return dist.PrefixStore(f"nnssl_attempt_{environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
+
+
 @contextmanager
 def torchrun_session(env: TorchrunEnvironment, device_type: str) -> Iterator[torch.device]:
     """This process's local device, with the job's process group joined (rendezvous at MASTER_ADDR:MASTER_PORT) and
@@ -162,7 +174,7 @@ def torchrun_session(env: TorchrunEnvironment, device_type: str) -> Iterator[tor
     leaving frees those caught in reference cycles."""
     device = local_device(device_type, env)
     configure_threads(device.type, env.local_world_size)
-    dist.init_process_group(backend_for(device), init_method="env://", rank=env.rank, world_size=env.world_size)
+    dist.init_process_group(backend_for(device), store=attempt_store(env), rank=env.rank, world_size=env.world_size)
     try:
         with nnunet_on_local_device():
             yield device

@@ -51,6 +51,8 @@ def train_on_this_rank(args: argparse.Namespace, env: TorchrunEnvironment, devic
                                         args.p, args.c, env, device)
     trainer.disable_checkpointing = args.disable_checkpointing
     maybe_load_checkpoint(trainer, args.c, args.val, args.pretrained_weights)
+    if not args.val and hasattr(trainer, "resume_automatically"):  # nnssl trainers: restarts, requeues, preemption
+        trainer.resume_automatically()
     print_whole_line(f"{tag} (local rank {env.local_rank}, {device}, {backend_for(device)}): batch "
                      f"{rank_batch} of {trainer.configuration_manager.batch_size}, starting at epoch "
                      f"{trainer.current_epoch}")

@@ -65,6 +65,7 @@ class UnreadableCases:
         """Record a batch's reports; the log lines for cases not seen before."""
         lines = []
         for case, problem in reported:
+            case = str(case)  # nnU-Net's identifiers are numpy strings
             if case not in self.cases:
                 self.cases[case] = problem
                 lines.append(f"Skipped unreadable case {case}: {problem} ({len(self.cases)} unreadable so far, "
@@ -79,4 +80,5 @@ class UnreadableCases:
         listed = "; ".join(f"{case}: {problem}" for case, problem in self.cases.items())
         return UnreadableCaseError(f"{len(self.cases)} of {self.num_cases} preprocessed cases could not be read, more "
                                    f"than the limit of {self.limit} ({MAX_UNREADABLE_VARIABLE}); training stopped. "
-                                   f"Rerun nnUNetv2_preprocess for these cases or remove them: {listed}")
+                                   f"Preprocess these cases again (nnUNetv2_preprocess) or remove them, or raise the limit, and resume "
+                                   f"with --c: {listed}")
