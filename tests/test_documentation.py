@@ -33,9 +33,8 @@ README = REPOSITORY / "README.md"
 CHANGELOG = REPOSITORY / "CHANGELOG.md"
 # The order the runnable blocks execute in: each document may go on from the state the ones before it left.
 DOCUMENT_ORDER = ("installation.md", "pretraining.md", "finetuning.md", "checkpoints.md", "multi_gpu.md",
-                  "environment_variables.md", "benchmarks.md", "evidence.md", "troubleshooting.md",
+                  "long_runs.md", "environment_variables.md", "benchmarks.md", "evidence.md", "troubleshooting.md",
                   "troubleshooting-bad-input.md")
-# Linked before it exists here: written on issue 19's branch. Remove this line once that branch is merged.
 BLOCK_TIMEOUT_SECONDS = 600
 HELP_SECONDS = 2.0
 NNUNET_PLANS = {"nnUNetPlans"}

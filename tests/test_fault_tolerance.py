@@ -195,22 +195,33 @@ def test_a_killed_rank_is_restarted_by_torchrun_and_the_run_resumes(_shared_tiny
     assert_both_ranks_finished(output, 4)
 
 
-def test_sigusr1_to_one_rank_stops_both_at_the_same_step_and_the_rerun_finishes(_shared_tiny_dataset, tmp_path):
-    """The ranks agree on the step: SIGUSR1 to rank 1 only, both ranks checkpoint-and-exit with 75 at the same
-    iteration (torchrun reports their exit codes); the plain rerun of the same command resumes and finishes."""
+@pytest.mark.parametrize("target", ["rank 1", "torchrun"])
+def test_sigusr1_to_a_two_rank_run_stops_both_ranks_at_one_step_and_the_rerun_finishes(_shared_tiny_dataset,
+                                                                                      tmp_path, target):
+    """SIGUSR1 to one rank: the ranks agree on the step, both checkpoint-and-exit with 75 (torchrun lists their exit
+    codes). SIGUSR1 to torchrun, which dies of it: its ranks get SIGTERM and do the same. Either way the plain rerun
+    of the same command resumes and finishes with equal weights on both ranks."""
     env = results_env(_shared_tiny_dataset, tmp_path / "results", nnssl_num_epochs="3",
                       nnssl_iterations_per_epoch="3", nnssl_val_iterations_per_epoch="1")
     command = StartedCommand(torchrun_s3d(), tmp_path / "torchrun.log", env)
     command.wait_for("Epoch 1")
-    os.kill(rank_pids(command)[1], signal.SIGUSR1)
+    ranks = rank_pids(command)
+    os.kill(ranks[1] if target == "rank 1" else command.process.pid, signal.SIGUSR1)
     assert command.finish(timeout=300) != 0
+    for pid in ranks:  # the ranks are gone too (torchrun waits for them; without torchrun, poll)
+        deadline = time.monotonic() + 120
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
     output = command.output
-    assert len(re.findall(r"exitcode\s+: 75 \(pid: \d+\)", output)) == 2, output[-4000:]  # torchrun's summary
     stops = set(re.findall(r"stopping before iteration (\d) of epoch (\d)", output))
-    assert len(stops) == 1, output[-4000:]  # one step for both ranks
-    assert "SIGUSR1: stopping" in output and "a preemption signal to another rank: stopping" in output
+    assert len(stops) == 1 and output.count("Preempted: checkpoint written, exiting with code 75") >= 2, output[-4000:]
+    if target == "rank 1":
+        assert len(re.findall(r"exitcode\s+: 75 \(pid: \d+\)", output)) == 2, output[-4000:]  # torchrun's summary
+        assert "SIGUSR1: stopping" in output and "a preemption signal to another rank: stopping" in output
+    else:
+        assert command.process.returncode == -signal.SIGUSR1 and "SIGTERM: stopping" in output
     rerun = run_command(torchrun_s3d(), extra_env=env, timeout=300)
-    assert "this run stopped at a preemption request (SIGUSR1)" in rerun.stdout
+    assert "this run stopped at a preemption request (SIG" in rerun.stdout
     assert_both_ranks_finished(rerun.stdout, 3)
 
 

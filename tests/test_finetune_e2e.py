@@ -101,7 +101,8 @@ def test_prepare_and_warmup_stages_from_an_nnssl_layout_checkpoint(nnunet_dirs, 
     lrs, encoder_unchanged = [], []
     for epoch in range(3):
         trainer.on_train_epoch_start()
-        for _ in range(2):
+        for iteration in range(2):
+            trainer.iteration_in_epoch = iteration  # what the training loop sets before each step
             trainer.train_step(next(trainer.dataloader_train))
             lrs.append({g["nnssl_part"]: g["lr"] for g in trainer.optimizer.param_groups})
             encoder_unchanged.append(all(torch.equal(v, encoder_before[k])

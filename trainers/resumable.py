@@ -27,6 +27,7 @@ from batchgenerators.utilities.file_and_folder_operations import isdir
 import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as nnunet_trainer_module
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 
+from nnssl.errors import UserError
 from nnssl.integration.auto_resume import (AUTO_RESUME_VARIABLE, auto_resume_setting, check_same_run,
                                            restart_reason, resume_candidate, run_identity)
 from nnssl.integration.checkpoint import (LATEST, PREVIOUS, read_checkpoint_or_previous, save_checkpoint_generation,
@@ -36,7 +37,7 @@ from nnssl.integration.patching import replaced_attribute
 from nnssl.integration.preemption import (PREEMPTED_EXIT_CODE, Preempted, PreemptionRequest, agreed_flags,
                                           preemption_signals)
 from nnssl.integration.run_state import (RUN_STATE_KEY, Position, RankState, RunState, capture_random_streams,
-                                         restore_random_streams, run_state_of)
+                                         from_plain, restore_random_streams, run_state_of, to_plain)
 from nnssl.integration.seeding import seed_from_environment, seeded_augmenters
 from nnssl.integration.unreadable_cases import (BATCH_KEY, UnreadableCaseError, UnreadableCases, unreadable_case_limit,
                                                 unreadable_report)
@@ -47,33 +48,27 @@ class CaseNamingDataLoader(nnUNetDataLoader):
     """nnU-Net's loader; a batch with a case it cannot read comes back as a report naming the case's file, so that
     the trainer's error (not only a worker's traceback) says which file it is."""
 
+    _batch_keys: List[str] = []
+
+    def get_indices(self):
+        self._batch_keys = list(super().get_indices())
+        return self._batch_keys
+
     def generate_train_batch(self) -> dict:
-        keys = []
-        self.get_indices = _recording(self.get_indices, keys)
         try:
             return super().generate_train_batch()
         except Exception as error:  # whatever blosc2 or pickle raise on a truncated file
-            return {BATCH_KEY: [unreadable_report(self._data.source_folder, self._first_unreadable(keys), error)]}
-        finally:
-            del self.get_indices
+            return {BATCH_KEY: [unreadable_report(self._data.source_folder, self._first_unreadable(), error)]}
 
-    def _first_unreadable(self, keys: List[str]) -> str:
+    def _first_unreadable(self) -> str:
         """The first case of the failed batch that cannot be read in full (the batch's first case if all can)."""
-        for key in keys:
+        for key in self._batch_keys:
             try:
                 data, seg, _, _ = self._data.load_case(key)
                 data[...], seg[...]
             except Exception:
                 return key
-        return keys[0] if keys else "(unknown case)"
-
-
-def _recording(get_indices, keys: List[str]):
-    def recorded():
-        keys[:] = get_indices()
-        return keys
-
-    return recorded
+        return self._batch_keys[0] if self._batch_keys else "(unknown case)"
 
 
 def finish_augmenters(trainer) -> None:
@@ -96,6 +91,7 @@ class nnsslResumableTraining(nnsslInputGuards):
             self.batches_drawn: Dict[str, int] = {"train": 0, "val": 0}
             self.unreadable_cases = UnreadableCases(limit=0, num_cases=0)
             self.nnssl_resumed_from: Optional[str] = None
+            self._resume_decided = False
             self._preemption = PreemptionRequest()
             self._resumed: Optional[RunState] = None
             self._stop: Optional[tuple] = None  # (position, epoch outputs) while a preemption is saved
@@ -130,7 +126,7 @@ class nnsslResumableTraining(nnsslInputGuards):
 
     def next_batch(self, kind: str, count: bool = True) -> dict:
         """The next batch of the ``kind`` loader ("train", "val"), its unreadable cases noted; ``count=False`` leaves
-        the batch uncounted until ``count_batch`` (a batch fetched at a stop is drawn again by the resumed run)."""
+        it to the caller to count the batch once it is used (a batch fetched at a stop is drawn again on resume)."""
         batch = next(self.dataloader_train if kind == "train" else self.dataloader_val)
         reports = batch.pop(BATCH_KEY, None)
         if reports and not self.skips_unreadable_cases:
@@ -186,8 +182,8 @@ class nnsslResumableTraining(nnsslInputGuards):
         stopped (the signal that asked for the stop reached them too)."""
         try:
             return self.next_batch("train", count=False)
-        except RuntimeError:
-            if self._preemption.received is None:
+        except RuntimeError as error:  # batchgenerators: "One or more background workers are no longer alive"
+            if self._preemption.received is None or isinstance(error, UserError):
                 raise
             return None
 
@@ -220,7 +216,7 @@ class nnsslResumableTraining(nnsslInputGuards):
             signal_name = received[0] if received else "a preemption request"
         else:  # written at the end of an epoch (nnU-Net saves before it counts the epoch as done)
             position, epoch_outputs, signal_name = Position(self.current_epoch + 1, 0), [], None
-        rank_state = RankState(capture_random_streams(self.device, self.random_generators()), list(epoch_outputs))
+        rank_state = RankState(capture_random_streams(self.device, self.random_generators()), to_plain(epoch_outputs))
         ranks = gather_from_all_ranks(rank_state)
         unreadable = {}
         for cases in gather_from_all_ranks(self.unreadable_cases.cases):
@@ -275,11 +271,10 @@ class nnsslResumableTraining(nnsslInputGuards):
         self.batches_drawn = dict(state.batches_drawn)
         self.unreadable_cases.cases.update(state.unreadable_cases)
         self._resumed = state
-        if state.position.iteration > 0:  # the epoch is run again from its start hooks: drop what they logged
-            logged = self.logger.get_checkpoint()
-            for values in logged.values():
-                del values[state.position.epoch:]
-            self.logger.load_checkpoint(logged)
+        logged = self.logger.get_checkpoint()  # a stopped epoch starts again with its start hooks: drop what they
+        for values in logged.values():         # logged (nothing to drop after a finished epoch)
+            del values[state.position.epoch:]
+        self.logger.load_checkpoint(logged)
 
     def _resumed_epoch(self):
         """(first iteration, training outputs so far) of the epoch starting: where a resumed run stopped."""
@@ -287,7 +282,7 @@ class nnsslResumableTraining(nnsslInputGuards):
         if state is None or state.position.epoch != self.current_epoch:
             return 0, []
         own = state.rank(self.nnssl_rank)
-        return state.position.iteration, list(own.epoch_outputs) if own is not None else []
+        return state.position.iteration, from_plain(own.epoch_outputs) if own is not None else []
 
     def _continue_resumed_streams(self) -> None:
         """Put back this rank's random streams, once the loaders (and whatever ``on_train_start`` drew) are built."""
@@ -297,8 +292,7 @@ class nnsslResumableTraining(nnsslInputGuards):
 
     def on_train_start(self):
         super().on_train_start()
-        training_cases, validation_cases = self.do_split()
-        num_cases = len(set(training_cases) | set(validation_cases))
+        num_cases = len(self.dataset_class.get_identifiers(self.preprocessed_dataset_folder))
         self.unreadable_cases.limit = unreadable_case_limit(num_cases) if self.skips_unreadable_cases else 0
         self.unreadable_cases.num_cases = num_cases
 
@@ -318,8 +312,9 @@ class nnsslResumableTraining(nnsslInputGuards):
         if not self.was_initialized:
             self.initialize()
         setting = auto_resume_setting()
-        if self.nnssl_resumed_from is not None or setting is False:
+        if self._resume_decided or self.nnssl_resumed_from is not None or setting is False:
             return
+        self._resume_decided = True  # nnssl_train decides before its start line, run_training again
         candidate = self._agreed_candidate()
         reason = restart_reason() or (f"{AUTO_RESUME_VARIABLE}=1" if setting else None)
         if candidate is None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import gc
 import multiprocessing
 import os
+import signal
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator, List, Mapping, Optional
@@ -25,6 +26,7 @@ from torch.distributed.rendezvous import rendezvous
 from torch.nn.parallel import DistributedDataParallel
 
 from nnssl.errors import UserError
+from nnssl.integration.fork_safety import signal_on_parent_death
 from nnssl.integration.patching import replaced_attribute
 
 TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -174,6 +176,8 @@ def torchrun_session(env: TorchrunEnvironment, device_type: str) -> Iterator[tor
     leaving frees those caught in reference cycles."""
     device = local_device(device_type, env)
     configure_threads(device.type, env.local_world_size)
+    # torchrun gone (killed, or dead of a SIGUSR1 it does not handle): SIGTERM, i.e. checkpoint and exit 75
+    signal_on_parent_death(signal.SIGTERM, os.getppid())
     dist.init_process_group(backend_for(device), store=attempt_store(env), rank=env.rank, world_size=env.world_size)
     try:
         with nnunet_on_local_device():

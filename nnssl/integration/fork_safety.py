@@ -32,18 +32,20 @@ def _remember_parent() -> None:
     _parent_pid = os.getpid()
 
 
-def _die_with_parent() -> None:
+def signal_on_parent_death(sig: int, parent_pid: int) -> None:
+    """Have Linux send ``sig`` to this process when its parent ``parent_pid`` dies (at once if it already has;
+    nothing on other systems)."""
     if not sys.platform.startswith("linux"):
         return
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != _parent_pid:  # the parent died before the request took effect
-        os._exit(1)
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(sig))
+    if os.getppid() != parent_pid:  # the parent died before the request took effect
+        os.kill(os.getpid(), sig)
 
 
 def _prepare_child() -> None:
     # set_num_threads only sets OpenMP's and MKL's thread-count variables: safe before the child ran any torch op
     torch.set_num_threads(1)
-    _die_with_parent()
+    signal_on_parent_death(signal.SIGKILL, _parent_pid)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 

@@ -65,9 +65,16 @@ def run_state_of(checkpoint: Mapping[str, Any]) -> Optional[RunState]:
 
 
 def capture_random_streams(device: torch.device, generators: Mapping[str, torch.Generator]) -> Dict[str, Any]:
-    """This process's global random streams (and the device's), and those of ``generators``."""
-    streams: Dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(),
-                               "torch": torch.get_rng_state()}
+    """This process's global random streams (and the device's), and those of ``generators``, as tensors and plain
+    Python values (a checkpoint stays loadable with ``torch.load(..., weights_only=True)``)."""
+    version, internal, gauss = random.getstate()
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    streams: Dict[str, Any] = {
+        "python": [version, list(internal), gauss],
+        "numpy": {"bit_generator": name, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "torch": torch.get_rng_state(),
+    }
     if device.type == "cuda":
         streams["cuda"] = torch.cuda.get_rng_state(device)
     streams["generators"] = {name: generator.get_state() for name, generator in generators.items()}
@@ -76,11 +83,38 @@ def capture_random_streams(device: torch.device, generators: Mapping[str, torch.
 
 def restore_random_streams(streams: Mapping[str, Any], device: torch.device,
                            generators: Mapping[str, torch.Generator]) -> None:
-    random.setstate(streams["python"])
-    np.random.set_state(streams["numpy"])
+    version, internal, gauss = streams["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy_state = streams["numpy"]
+    np.random.set_state((numpy_state["bit_generator"], numpy_state["keys"].numpy().astype(np.uint32),
+                         numpy_state["position"], numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
     torch.set_rng_state(streams["torch"].cpu())
     if device.type == "cuda" and "cuda" in streams:
         torch.cuda.set_rng_state(streams["cuda"].cpu(), device)
     for name, state in streams.get("generators", {}).items():
         if name in generators:
             generators[name].set_state(state.cpu())
+
+
+def to_plain(value: Any) -> Any:
+    """``value`` (a train step's outputs) with numpy arrays and scalars as tensors and Python numbers."""
+    if isinstance(value, np.ndarray):
+        return {"ndarray": torch.from_numpy(np.array(value, order="C")), "dtype": value.dtype.str}
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {key: to_plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_plain(item) for item in value)
+    return value
+
+
+def from_plain(value: Any) -> Any:
+    """The inverse of ``to_plain``."""
+    if isinstance(value, dict):
+        if set(value) == {"ndarray", "dtype"}:
+            return value["ndarray"].numpy().astype(np.dtype(value["dtype"]))
+        return {key: from_plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(from_plain(item) for item in value)
+    return value
