@@ -18,6 +18,7 @@ The loop is nnU-Net 2.8.1's ``run_training`` with these additions; every hook it
 """
 
 import os
+import sys
 from os.path import isfile, join
 from typing import Any, Dict, List, Optional
 
@@ -148,10 +149,13 @@ class nnsslResumableTraining(nnsslInputGuards):
         try:
             while self.current_epoch < self.num_epochs:
                 self._run_epoch()
-        except Preempted:
-            # the handlers stay: torchrun sends SIGTERM to the ranks still exiting once the first has exited
-            finish_augmenters(self)
-            raise
+        except Preempted as stop:
+            # Out at once, handlers still installed: torchrun sends SIGTERM to the ranks still running once the first
+            # has exited, and Python's shutdown (which resets the handlers) took seconds here, so a rank died of that
+            # SIGTERM instead of exiting with 75. The checkpoint is written; the workers die with this process.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(stop.code)
         except BaseException:
             self._preemption.uninstall()
             finish_augmenters(self)  # workers stopped before the error is reported, not torn down at exit
