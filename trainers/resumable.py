@@ -20,11 +20,10 @@ The loop is nnU-Net 2.8.1's ``run_training`` with these additions; every hook it
 import os
 import sys
 from os.path import isfile, join
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
-from batchgenerators.utilities.file_and_folder_operations import isdir
 import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as nnunet_trainer_module
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 
@@ -49,7 +48,7 @@ class CaseNamingDataLoader(nnUNetDataLoader):
     """nnU-Net's loader; a batch with a case it cannot read comes back as a report naming the case's file, so that
     the trainer's error (not only a worker's traceback) says which file it is."""
 
-    _batch_keys: List[str] = []
+    _batch_keys: Sequence[str] = ()
 
     def get_indices(self):
         self._batch_keys = list(super().get_indices())
@@ -216,16 +215,17 @@ class nnsslResumableTraining(nnsslInputGuards):
         """This run's ``nnssl_run_state`` (collective: every rank contributes its streams and epoch outputs)."""
         if self._stop is not None:
             position, epoch_outputs = self._stop
-            received = [name for name in gather_from_all_ranks(self._preemption.received) if name]
-            signal_name = received[0] if received else "a preemption request"
         else:  # written at the end of an epoch (nnU-Net saves before it counts the epoch as done)
-            position, epoch_outputs, signal_name = Position(self.current_epoch + 1, 0), [], None
+            position, epoch_outputs = Position(self.current_epoch + 1, 0), []
         rank_state = RankState(capture_random_streams(self.device, self.random_generators()), to_plain(epoch_outputs))
-        ranks = gather_from_all_ranks(rank_state)
-        unreadable = {}
-        for cases in gather_from_all_ranks(self.unreadable_cases.cases):
-            unreadable.update(cases)
-        return RunState(position, dict(self.batches_drawn), ranks, unreadable, signal_name).to_dict()
+        gathered = gather_from_all_ranks((rank_state, self._preemption.received, self.unreadable_cases.cases))
+        unreadable = {case: problem for _, _, cases in gathered for case, problem in cases.items()}
+        signal_name = None
+        if self._stop is not None:
+            received = [name for _, name, _ in gathered if name]
+            signal_name = received[0] if received else "a preemption request"
+        return RunState(position, dict(self.batches_drawn), [rank for rank, _, _ in gathered], unreadable,
+                        signal_name).to_dict()
 
     def save_checkpoint(self, filename: str) -> None:
         """nnU-Net's checkpoint (same keys) with the run state, written atomically, in two generations for
@@ -341,7 +341,7 @@ class nnsslResumableTraining(nnsslInputGuards):
 
     def _agreed_candidate(self) -> Optional[str]:
         """Rank 0's resume candidate, for every rank (ranks must not disagree on whether to resume)."""
-        candidate = resume_candidate(self.output_folder) if isdir(self.output_folder) else None
+        candidate = resume_candidate(self.output_folder)
         if self.is_ddp:
             shared = [candidate]
             dist.broadcast_object_list(shared, src=0)

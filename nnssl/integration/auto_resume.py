@@ -14,13 +14,13 @@ import os
 from typing import Dict, Mapping, Optional
 
 from nnssl.errors import UserError
-from nnssl.integration.checkpoint import LATEST, PREVIOUS
+from nnssl.integration.checkpoint import PREVIOUS, RESUME_ORDER
 from nnssl.integration.environment import EnvironmentVariableError, text_from_environment
 
 AUTO_RESUME_VARIABLE = "nnssl_auto_resume"
 RESTART_COUNTERS = {"TORCHELASTIC_RESTART_COUNT": "torchrun restart", "SLURM_RESTART_COUNT": "SLURM requeue"}
 # where a resume looks, in this order: nnU-Net's --c order with the previous generation before the best checkpoint
-RESUME_CANDIDATES = ("checkpoint_final.pth", LATEST, PREVIOUS, "checkpoint_best.pth")
+RESUME_CANDIDATES = RESUME_ORDER[:2] + (PREVIOUS,) + RESUME_ORDER[2:]
 
 
 class RunMismatchError(UserError, RuntimeError):

@@ -36,11 +36,14 @@ def unwrap(module: nn.Module) -> nn.Module:
             return module
 
 
-def atomic_torch_save(obj, filename: Union[str, Path]) -> None:
-    """``torch.save`` to a temporary name, then rename: a kill mid-save never leaves a truncated checkpoint."""
+def atomic_torch_save(obj, filename: Union[str, Path], keep_replaced_as: Optional[str] = None) -> None:
+    """``torch.save`` to a temporary name, then rename: a kill mid-save never leaves a truncated checkpoint. With
+    ``keep_replaced_as``, a file the new one replaces is first moved there."""
     filename = str(filename)
     temporary = f"{filename}.tmp-{os.getpid()}"
     torch.save(obj, temporary)
+    if keep_replaced_as is not None and os.path.isfile(filename):
+        os.replace(filename, keep_replaced_as)
     os.replace(temporary, filename)
 
 
@@ -48,13 +51,8 @@ def save_checkpoint_generation(obj, filename: Union[str, Path]) -> None:
     """``atomic_torch_save``; a new ``checkpoint_latest.pth`` first moves the one it replaces to
     ``checkpoint_previous.pth``, so that a latest checkpoint found unreadable later still has a predecessor."""
     filename = str(filename)
-    if os.path.basename(filename) != LATEST or not os.path.isfile(filename):
-        atomic_torch_save(obj, filename)
-        return
-    temporary = f"{filename}.tmp-{os.getpid()}"
-    torch.save(obj, temporary)
-    os.replace(filename, os.path.join(os.path.dirname(filename), PREVIOUS))
-    os.replace(temporary, filename)
+    is_latest = os.path.basename(filename) == LATEST
+    atomic_torch_save(obj, filename, os.path.join(os.path.dirname(filename), PREVIOUS) if is_latest else None)
 
 
 def previous_generation(filename: str) -> Optional[str]:
