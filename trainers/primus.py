@@ -8,6 +8,8 @@ reconstruction figures and the checkpoint format are S3D's; the recipe is the re
 (``PRIMUS_MAE_RECIPE``: AdamW 3e-4, warm-up, poly).
 """
 
+from typing import Optional
+
 import torch
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import nn
@@ -22,32 +24,39 @@ from nnssl.trainers.s3d import S3DPretrainTrainer
 from nnssl.trainers.variants import define_epoch_variants
 
 
-def check_primus_plans(trainer_name: str, configuration_manager: ConfigurationManager, masking: MaskingConfig,
-                       plans_name: str) -> None:
+def check_primus_plans(trainer_name: str, configuration_manager: ConfigurationManager, plans_name: str,
+                       masking: Optional[MaskingConfig] = None) -> None:
     """A Primus trainer needs Primus plans, and mask blocks made of whole tokens (else masked voxels leak into
     visible tokens, or nothing is dropped)."""
     name = configuration_manager.network_arch_class_name
     if not is_primus(name):
         raise UserError(f"{trainer_name} pretrains a Primus, but the plans {plans_name} build {name}. Plan the "
                         f"dataset with -pl nnsslPlannerPrimus (or nnsslPlannerPrimusTiny) and train with "
-                        f"-p nnsslPlansPrimus, or use S3DPretrainTrainer for ResEnc plans.")
+                        f"-p nnsslPlansPrimus, or use the method's ResEnc trainer (without 'Primus') for ResEnc "
+                        f"plans.")
     embedding = configuration_manager.network_arch_init_kwargs["patch_embed_size"]
-    if any(masking.block_size % int(e) for e in embedding):
+    if masking is not None and any(masking.block_size % int(e) for e in embedding):
         raise UserError(f"{trainer_name}: mask block size {masking.block_size} is not a multiple of the Primus "
                         f"patch embedding {list(embedding)}: token dropping masks whole tokens.")
 
 
-class PrimusMAEPretrainTrainer(S3DPretrainTrainer):
-    citations = (citations.NNUNET, citations.PRIMUS, citations.OPENMIND, citations.MAE)
+class PrimusPretraining:
+    """Mixin (first base) that moves a pretraining method onto the Primus: Primus plans are required, and the
+    recipe is the reference's for every Primus ("Eva") trainer, MAE and baselines alike (``PRIMUS_MAE_RECIPE``)."""
+
     recipe = PRIMUS_MAE_RECIPE
-    masking = MaskingConfig(block_size=8, ratio_range=(0.75, 0.75))
-    decoder = TokenDecoderConfig()
 
     def __init__(self, plans: dict, configuration: str, fold, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        check_primus_plans(self.__class__.__name__, self.configuration_manager, self.masking,
-                           self.plans_manager.plans_name)
+        check_primus_plans(self.__class__.__name__, self.configuration_manager, self.plans_manager.plans_name,
+                           getattr(self, "masking", None))
+
+
+class PrimusMAEPretrainTrainer(PrimusPretraining, S3DPretrainTrainer):
+    citations = (citations.NNUNET, citations.PRIMUS, citations.OPENMIND, citations.MAE)
+    masking = MaskingConfig(block_size=8, ratio_range=(0.75, 0.75))
+    decoder = TokenDecoderConfig()
 
     def wrap_network(self, network: nn.Module) -> nn.Module:
         return PrimusMAEModel(network, self.configuration_manager.patch_size, self.decoder)

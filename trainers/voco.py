@@ -16,7 +16,7 @@ reference behaviour.
 """
 
 from dataclasses import replace
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 from torch import nn
@@ -24,7 +24,9 @@ from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
 from nnssl import citations
-from nnssl.integration.checkpoint import encoder_only_state_dict
+from nnssl.architectures import configuration_at_patch
+from nnssl.integration.checkpoint import unwrap
+from nnssl.methods.encoder_features import is_primus_network
 from nnssl.finetuning.adaptation_plan import build_adaptation_plan
 from nnssl.trainers.pretraining import nnsslPretrainTrainer
 from nnssl.trainers.variants import define_epoch_variants
@@ -40,6 +42,7 @@ class VoCoPretrainTrainer(nnsslPretrainTrainer):
     tiny_geometry = VoCoGeometry(patch_size=(64, 64, 32), base_crop_count=(2, 2, 1), target_crop_count=4)
     prediction_loss_weight = 1.0
     regularisation_loss_weight = 1.0
+    teacher_momentum: Optional[float] = None  # EMA decay per step of the teacher that embeds the bases (None: none)
 
     def __init__(self, plans: dict, configuration: str, fold, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -61,11 +64,24 @@ class VoCoPretrainTrainer(nnsslPretrainTrainer):
             self.print_to_log_file(f"VoCo geometry: {self.voco_geometry} -> base crops of "
                                    f"{self.voco_geometry.crop_size}")
 
+    def build_network_architecture(self, plans_manager, configuration_manager, *args, **kwargs) -> nn.Module:
+        """The network is built at the base-crop size: a Primus's positional embedding is sized for one input shape
+        (a U-Net does not depend on it)."""
+        return super().build_network_architecture(
+            plans_manager, configuration_at_patch(configuration_manager, self.voco_geometry.crop_size), *args, **kwargs)
+
     def wrap_network(self, network: nn.Module) -> nn.Module:
-        return VoCoModel(network.encoder)
+        return VoCoModel(network if is_primus_network(network) else network.encoder,
+                         teacher_momentum=self.teacher_momentum)
 
     def transferable_state_dict(self, model: nn.Module) -> Dict[str, torch.Tensor]:
-        return encoder_only_state_dict(model)
+        return model.transferable_state_dict()
+
+    def train_step(self, batch: dict) -> dict:
+        result = super().train_step(batch)
+        if self.teacher_momentum is not None:
+            unwrap(self.network).update_teacher()
+        return result
 
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
         """The loader cuts exactly the VoCo patch: no spatial transform, so no rotation margin (as the reference)."""
@@ -90,7 +106,11 @@ class VoCoPretrainTrainer(nnsslPretrainTrainer):
         embeddings = self.network(crops.flatten(0, 1)).view(batch_size, n_crops, -1)
         n_base = self.voco_geometry.num_base_crops
         base, target = embeddings[:, :n_base], embeddings[:, n_base:]
-        return (self.prediction_loss_weight * voco_prediction_loss(target, base, overlaps)
+        prototypes = base
+        if self.teacher_momentum is not None:
+            prototypes = unwrap(self.network).teacher_embeddings(crops[:, :n_base].flatten(0, 1)) \
+                .view(batch_size, n_base, -1)
+        return (self.prediction_loss_weight * voco_prediction_loss(target, prototypes, overlaps)
                 + self.regularisation_loss_weight * voco_regularisation_loss(base))
 
     def adaptation_plan(self) -> dict:
@@ -108,10 +128,18 @@ class VoCoPretrainTrainer_noclip(VoCoPretrainTrainer):
     recipe = replace(VoCoPretrainTrainer.recipe, gradient_clip_norm=None)
 
 
+class VoCoPretrainTrainer_momentum(VoCoPretrainTrainer):
+    """Base crops of the prediction loss embedded by a momentum (EMA) teacher of encoder and projector, updated
+    after every step with decay ``teacher_momentum``, as the original VoCo (the reference has no teacher)."""
+
+    teacher_momentum = 0.99
+
+
 class VoCoPretrainTrainer_3x3x1(VoCoPretrainTrainer):
     """The OpenMind paper's configuration (Appendix A.3): patch (192,192,64), 3x3x1 grid of 64^3 crops, 5 targets."""
 
     geometry = VoCoGeometry(patch_size=(192, 192, 64), base_crop_count=(3, 3, 1), target_crop_count=5)
 
 
-define_epoch_variants(VoCoPretrainTrainer, globals())
+for _trainer in (VoCoPretrainTrainer, VoCoPretrainTrainer_momentum):
+    define_epoch_variants(_trainer, globals())
