@@ -22,15 +22,21 @@ from nnssl.trainers.s3d import S3DPretrainTrainer
 from nnssl.trainers.variants import define_epoch_variants
 
 
-def check_primus_plans(trainer_name: str, configuration_manager: ConfigurationManager, masking: MaskingConfig,
-                       plans_name: str) -> None:
-    """A Primus trainer needs Primus plans, and mask blocks made of whole tokens (else masked voxels leak into
-    visible tokens, or nothing is dropped)."""
+def require_primus_plans(trainer_name: str, configuration_manager: ConfigurationManager, plans_name: str,
+                         resenc_trainer: str) -> None:
+    """A Primus trainer needs Primus plans; ``resenc_trainer`` is the method's trainer for ResEnc plans."""
     name = configuration_manager.network_arch_class_name
     if not is_primus(name):
         raise UserError(f"{trainer_name} pretrains a Primus, but the plans {plans_name} build {name}. Plan the "
                         f"dataset with -pl nnsslPlannerPrimus (or nnsslPlannerPrimusTiny) and train with "
-                        f"-p nnsslPlansPrimus, or use S3DPretrainTrainer for ResEnc plans.")
+                        f"-p nnsslPlansPrimus, or use {resenc_trainer} for ResEnc plans.")
+
+
+def check_primus_plans(trainer_name: str, configuration_manager: ConfigurationManager, masking: MaskingConfig,
+                       plans_name: str) -> None:
+    """A Primus MAE trainer needs Primus plans, and mask blocks made of whole tokens (else masked voxels leak into
+    visible tokens, or nothing is dropped)."""
+    require_primus_plans(trainer_name, configuration_manager, plans_name, "S3DPretrainTrainer")
     embedding = configuration_manager.network_arch_init_kwargs["patch_embed_size"]
     if any(masking.block_size % int(e) for e in embedding):
         raise UserError(f"{trainer_name}: mask block size {masking.block_size} is not a multiple of the Primus "
