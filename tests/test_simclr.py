@@ -7,11 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SMOKE_PRETRAINING, TINY_DATASET, TINY_DATASET_ID, pretrain_smoke, run_command, tiny_network
-from test_primus_e2e import PRE, PRE_ID, fresh_tiny_primus, plan_primus_pretraining_dataset, training_log
-from nnssl.architectures import transferable_prefixes
+from conftest import SMOKE_PRETRAINING, TINY_DATASET, TINY_DATASET_ID, run_command, tiny_network
+from method_pairs import check_pretraining_pair
+from test_primus_e2e import fresh_tiny_primus
+from nnssl.architectures import network_from_plans, transferable_prefixes
 from nnssl.citations import apa_lines
 from nnssl.errors import UserError
+from nnssl.finetuning.adaptation_plan import nnunet_architecture
 from nnssl.methods.contrastive import nt_xent_loss
 from nnssl.methods.encoder_features import encoder_state_dict
 from nnssl.methods.simclr import SimCLRGeometry, SimCLRModel, simclr_transforms
@@ -117,17 +119,28 @@ def test_a_global_batch_of_one_is_refused():
 
 
 # ------------------------------------------------------------------------------------------------ stock command
-def test_simclr_through_nnunetv2_train_exports_stem_and_encoder(tiny_pretraining_dataset):
-    _, checkpoint = pretrain_smoke(tiny_pretraining_dataset, "SimCLRPretrainTrainer")
-    fresh = tiny_network()
-    assert set(checkpoint["network_weights"]) == set(encoder_state_dict(fresh))
-    assert any(k.startswith("projector.") for k in checkpoint["nnssl_pretraining_weights"])
+@pytest.mark.parametrize("trainer, family", [("SimCLRPretrainTrainer", "resenc"),
+                                             ("PrimusSimCLRPretrainTrainer", "primus")])
+def test_simclr_pair_through_every_entry_point(tiny_pretraining_dataset, tmp_path, trainer, family):
+    """nnUNetv2_train, 2-rank nnssl_train, nnssl_prepare_finetune, fine-tuning. The plans' batch of 2 leaves one
+    sample per rank: NT-Xent refuses a batch without negatives, so the 2-rank run trains only because each rank
+    contrasts with the other rank's views."""
+    checkpoint = check_pretraining_pair(tiny_pretraining_dataset, trainer, family, tmp_path)
     plan = checkpoint["nnssl_adaptation_plan"]
     assert plan["recommended_downstream_patchsize"] == [32, 32, 32]
     assert plan["pretrain_plan"]["configurations"]["3d_fullres"]["patch_size"] == [32, 32, 32]
-    assert (plan["key_to_encoder"], plan["key_to_stem"]) == ("encoder.stages", "encoder.stem")
+    arch = nnunet_architecture(plan)
+    fresh = network_from_plans(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"], 1, 1)
+    assert set(checkpoint["network_weights"]) == set(encoder_state_dict(fresh))  # stem + encoder only
+    assert any(k.startswith("projector.") for k in checkpoint["nnssl_pretraining_weights"])
     assert any("Contrastive Learning of Visual" in line for line in apa_lines(checkpoint["citations"]))
-    assert np.isfinite(checkpoint["logging"]["train_losses"][0])
+    assert np.isfinite(checkpoint["logging"]["train_losses"]).all()
+    if family == "primus":  # built at the view size: 4^3 tokens of 8^3 voxels
+        assert plan["architecture_plans"]["arch_kwargs"]["input_shape"] == [32, 32, 32]
+        assert checkpoint["network_weights"]["eva.pos_embed"].shape == fresh.eva.pos_embed.shape == (1, 64, 96)
+        assert checkpoint["init_args"]["plans"]["configurations"]["3d_fullres"]["patch_size"] == [64, 64, 64]
+    else:
+        assert (plan["key_to_encoder"], plan["key_to_stem"]) == ("encoder.stages", "encoder.stem")
 
 
 def test_batch_of_one_is_refused_by_nnunetv2_train(tiny_pretraining_dataset):
@@ -145,24 +158,17 @@ def test_batch_of_one_is_refused_by_nnunetv2_train(tiny_pretraining_dataset):
     assert "Traceback" not in result.stderr
 
 
-def test_primus_simclr_builds_the_primus_at_the_view_size(nnunet_dirs):
-    plan_primus_pretraining_dataset(nnunet_dirs)
-    run_command(["nnUNetv2_train", PRE_ID, "3d_fullres", "all", "-tr", "PrimusSimCLRPretrainTrainer", "-p",
-                 "nnsslPlansPrimusTiny", "-device", "cpu"], extra_env={**SMOKE_PRETRAINING, "nnssl_seed": "0"})
-    out = nnunet_dirs["nnUNet_results"] / PRE / "PrimusSimCLRPretrainTrainer__nnsslPlansPrimusTiny__3d_fullres" / \
-        "fold_all"
-    checkpoint = torch.load(out / "checkpoint_final.pth", map_location="cpu", weights_only=False)
-    from nnssl.finetuning.adaptation_plan import nnunet_architecture
-    from nnssl.architectures import network_from_plans
-
-    plan = checkpoint["nnssl_adaptation_plan"]
-    assert plan["recommended_downstream_patchsize"] == [32, 32, 32]
-    assert plan["architecture_plans"]["arch_kwargs"]["input_shape"] == [32, 32, 32]
-    assert plan["pretrain_plan"]["configurations"]["3d_fullres"]["patch_size"] == [32, 32, 32]
-    arch = nnunet_architecture(plan)
-    fresh = network_from_plans(arch["network_class_name"], arch["arch_kwargs"], [], 1, 1)
-    assert set(checkpoint["network_weights"]) == set(encoder_state_dict(fresh))
-    assert checkpoint["network_weights"]["eva.pos_embed"].shape == fresh.eva.pos_embed.shape == (1, 64, 96)
-    log = training_log(out)
-    assert "Optimizer adamw (weight decay 0.05, gradient clipping at 1.0)" in log
-    assert np.isfinite(checkpoint["logging"]["train_losses"][0])
+@pytest.mark.parametrize("trainer, plans, message", [
+    (PrimusSimCLRPretrainTrainer, "nnsslPlansTiny", "PrimusSimCLRPretrainTrainer pretrains a Primus, but the plans "
+     "nnsslPlansTiny build dynamic_network_architectures.architectures.unet.ResidualEncoderUNet. Plan the dataset with "
+     "-pl nnsslPlannerPrimus"),
+    (SimCLRPretrainTrainer, "nnsslPlansPrimusTiny", "SimCLRPretrainTrainer pretrains a ResEnc U-Net, but the plans "
+     "nnsslPlansPrimusTiny build dynamic_network_architectures.architectures.primus.Primus: use "
+     "PrimusSimCLRPretrainTrainer")])
+def test_each_trainer_refuses_the_other_familys_plans(tiny_pretraining_dataset, trainer, plans, message):
+    folder = tiny_pretraining_dataset["nnUNet_preprocessed"] / TINY_DATASET
+    plans_dict = {**json.loads((folder / f"{plans}.json").read_text()), "continue_training": False}  # nnU-Net's
+    with pytest.raises(UserError) as error:
+        trainer(plans_dict, "3d_fullres", "all", json.loads((folder / "dataset.json").read_text()),
+                device=torch.device("cpu"))
+    assert message in str(error.value)
