@@ -1,5 +1,5 @@
 """SimCLR: the two overlapping views, the embedding for both families, the stem+encoder export, the batch-size check,
-and the stock nnUNetv2_train runs of both trainers (CPU)."""
+the refusal of the other family's plans, and both trainers through every entry point (``check_pretraining_pair``)."""
 
 import json
 
@@ -160,14 +160,15 @@ def test_batch_of_one_is_refused_by_nnunetv2_train(tiny_pretraining_dataset):
 
 @pytest.mark.parametrize("trainer, plans, message", [
     (PrimusSimCLRPretrainTrainer, "nnsslPlansTiny", "PrimusSimCLRPretrainTrainer pretrains a Primus, but the plans "
-     "nnsslPlansTiny build dynamic_network_architectures.architectures.unet.ResidualEncoderUNet. Plan the dataset with "
-     "-pl nnsslPlannerPrimus"),
+     "nnsslPlansTiny build dynamic_network_architectures.architectures.unet.ResidualEncoderUNet. Plan the dataset "
+     "with -pl nnsslPlannerPrimus"),
     (SimCLRPretrainTrainer, "nnsslPlansPrimusTiny", "SimCLRPretrainTrainer pretrains a ResEnc U-Net, but the plans "
      "nnsslPlansPrimusTiny build dynamic_network_architectures.architectures.primus.Primus: use "
      "PrimusSimCLRPretrainTrainer")])
 def test_each_trainer_refuses_the_other_familys_plans(tiny_pretraining_dataset, trainer, plans, message):
     folder = tiny_pretraining_dataset["nnUNet_preprocessed"] / TINY_DATASET
-    plans_dict = {**json.loads((folder / f"{plans}.json").read_text()), "continue_training": False}  # nnU-Net's
+    # nnU-Net's run_training adds "continue_training" to the plans before building the trainer
+    plans_dict = {**json.loads((folder / f"{plans}.json").read_text()), "continue_training": False}
     with pytest.raises(UserError) as error:
         trainer(plans_dict, "3d_fullres", "all", json.loads((folder / "dataset.json").read_text()),
                 device=torch.device("cpu"))
