@@ -6,7 +6,6 @@ argument goes only to classes that accept it, and a Primus patch that its patch 
 with a message instead of dna's bare assertion.
 """
 
-import copy
 import inspect
 import pydoc
 from typing import Optional, Sequence
@@ -60,17 +59,3 @@ def transferable_prefixes(network: nn.Module) -> tuple:
     """The state-dict prefixes of the pretrained parts (stem, encoder) of a dna network, as dna declares them."""
     return network.key_to_stem, network.key_to_encoder
 
-
-def configuration_at_patch(configuration_manager, patch_size: Sequence[int]):
-    """A copy of an nnU-Net ``ConfigurationManager`` whose patch (and, for a Primus, ``input_shape``) is ``patch_size``.
-
-    Methods that embed crops smaller than the plans' patch (VoCo, SimCLR) build a Primus at the crop size: its
-    positional embedding is sized for one input shape. A U-Net is size-agnostic; only its patch changes.
-    """
-    from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
-
-    configuration = copy.deepcopy(configuration_manager.configuration)
-    configuration["patch_size"] = [int(p) for p in patch_size]
-    if is_primus(configuration_manager.network_arch_class_name):
-        configuration["architecture"]["arch_kwargs"]["input_shape"] = [int(p) for p in patch_size]
-    return ConfigurationManager(configuration)

@@ -5,17 +5,14 @@ Run as ``nnUNetv2_train ID 3d_fullres all -tr PrimusVoCoPretrainTrainer -p nnssl
 (AdamW 3e-4, weight decay 5e-2, betas 0.9/0.98, clipping at 1, 5 % linear warm-up, poly; the reference's for every
 Eva trainer) and the token-level handling the method needs:
 * VoCo: every crop is embedded by the Primus built at the base-crop size (its positional embedding covers one crop,
-  64^3 = 512 tokens of 8^3 voxels at full size), as the mean of its EVA output tokens, then the projector. The
-  crop size must be a multiple of the patch embedding. Exported: the Primus's ``down_projection`` and ``eva``.
+  64^3 = 512 tokens of 8^3 voxels at full size), as the mean of its EVA output tokens, then the projector (a crop
+  that the patch embedding does not tile is refused when the network is built). Exported: the Primus's ``down_projection`` and ``eva``.
 * VolumeFusion and Models Genesis: the whole Primus at the plans' patch, its patch decoder predicting the K fusion
   classes or the restored patch. Exported: the whole Primus (fine-tuning copies the patch embedding and the EVA
   encoder; the patch decoder is task specific).
 """
 
-import torch
-
 from nnssl import citations
-from nnssl.errors import UserError
 from nnssl.trainers.models_genesis import ModelsGenesisPretrainTrainer
 from nnssl.trainers.primus import PrimusPretraining
 from nnssl.trainers.variants import define_epoch_variants
@@ -27,15 +24,7 @@ PRIMUS_BASE = (citations.NNUNET, citations.PRIMUS, citations.OPENMIND)
 
 class PrimusVoCoPretrainTrainer(PrimusPretraining, VoCoPretrainTrainer):
     citations = PRIMUS_BASE + (citations.VOCO,)
-
-    def __init__(self, plans: dict, configuration: str, fold, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        embedding = [int(e) for e in self.configuration_manager.network_arch_init_kwargs["patch_embed_size"]]
-        crop = self.voco_geometry.crop_size
-        if any(c % e for c, e in zip(crop, embedding)):
-            raise UserError(f"{self.__class__.__name__}: the VoCo base crops {list(crop)} are not a multiple of the "
-                            f"Primus patch embedding {embedding}; choose a geometry whose crops are.")
+    resenc_trainer = "VoCoPretrainTrainer"
 
 
 class PrimusVoCoPretrainTrainer_momentum(PrimusVoCoPretrainTrainer):
@@ -46,10 +35,12 @@ class PrimusVoCoPretrainTrainer_momentum(PrimusVoCoPretrainTrainer):
 
 class PrimusVolumeFusionPretrainTrainer(PrimusPretraining, VolumeFusionPretrainTrainer):
     citations = PRIMUS_BASE + (citations.VOLUME_FUSION,)
+    resenc_trainer = "VolumeFusionPretrainTrainer"
 
 
 class PrimusModelsGenesisPretrainTrainer(PrimusPretraining, ModelsGenesisPretrainTrainer):
     citations = PRIMUS_BASE + (citations.MODELS_GENESIS,)
+    resenc_trainer = "ModelsGenesisPretrainTrainer"
 
 
 for _trainer in (PrimusVoCoPretrainTrainer, PrimusVolumeFusionPretrainTrainer, PrimusModelsGenesisPretrainTrainer):
