@@ -171,15 +171,15 @@ def test_reference_checkpoint_through_prepare_finetune_and_nnunetv2_train(name, 
     through the user's commands: nnssl_prepare_finetune, then one epoch of nnsslFinetuneTrainer."""
     checkpoint = tmp_path / f"{name}.pth"
     torch.save(LAYOUTS[name].checkpoint(), checkpoint)
-    write_labeled_dataset(nnunet_dirs["nnUNet_raw"], dataset_id, "RefDown", shapes=[(36, 40, 38)] * 3,
-                          spacings=[(1.0, 1.0, 1.0)] * 3)
+    write_labeled_dataset(nnunet_dirs["nnUNet_raw"], dataset_id, "RefDown", shapes=[(36, 40, 38)] * 2,
+                          spacings=[(1.0, 1.0, 1.0)] * 2)
     run_command(["nnssl_prepare_finetune", "-d", dataset_id, "-c", checkpoint, "-np", 1, "-npfp", 1])
     dataset = f"Dataset{dataset_id:03d}_RefDown"
     plans = json.loads((nnunet_dirs["nnUNet_preprocessed"] / dataset / "nnsslFinetunePlans.json").read_text())
     assert plans["nnssl_pretrained"]["trainer_name"] == LAYOUTS[name].trainer_name
-    run_command(["nnUNetv2_train", dataset_id, "3d_fullres", 0, "-tr", "nnsslFinetuneTrainer", "-p",
+    run_command(["nnUNetv2_train", dataset_id, "3d_fullres", "all", "-tr", "nnsslFinetuneTrainer", "-p",
                  "nnsslFinetunePlans", "-device", "cpu"], extra_env=SMOKE_1)
-    folder = nnunet_dirs["nnUNet_results"] / dataset / "nnsslFinetuneTrainer__nnsslFinetunePlans__3d_fullres" / "fold_0"
+    folder = nnunet_dirs["nnUNet_results"] / dataset / "nnsslFinetuneTrainer__nnsslFinetunePlans__3d_fullres" / "fold_all"
     log = "".join(p.read_text() for p in folder.glob("training_log_*.txt"))
     network = downstream_network(LAYOUTS[name].plan())
     encoder_tensors = len({v.data_ptr() for v in network.get_submodule(network.key_to_encoder).state_dict().values()})
