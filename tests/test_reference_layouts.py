@@ -9,7 +9,7 @@ import torch
 
 from conftest import run_command, write_labeled_dataset
 from reference_checkpoints import (CROP, DOWNSTREAM_PATCH, LAYOUTS, RESENC_KEYS, WRAPPED_EVA_KEYS, adaptation_plan,
-                                   eva_contrastive, resenc_contrastive, spark_checkpoint_as_saved)
+                                   spark_checkpoint_as_saved)
 from nnssl.errors import PretrainedWeightsError
 from nnssl.finetuning.adaptation_plan import nnunet_architecture
 from nnssl.finetuning.reference_layouts import resample_positional_embedding
@@ -101,7 +101,8 @@ def test_unknown_tensors_are_refused_by_name_and_wrappers_are_stripped():
 def test_a_teacher_copy_is_dropped_and_the_student_encoder_loads():
     checkpoint = LAYOUTS["voco_resenc"].checkpoint()
     weights = checkpoint["network_weights"]
-    teacher = {"teacher." + key: torch.zeros_like(value) for key, value in weights.items() if key.startswith("encoder.")}
+    teacher = {"teacher." + key: torch.zeros_like(value) for key, value in weights.items()
+               if key.startswith("encoder.")}
     network = downstream_network(checkpoint["nnssl_adaptation_plan"])
     report = transfer_pretrained_weights(network, {**weights, **teacher}, checkpoint["nnssl_adaptation_plan"])
     assert report.skipped["teacher.*"][0] == len(teacher)
@@ -116,6 +117,20 @@ def test_positional_embedding_resampling_keeps_orientation_and_identity():
     assert resampled[7, 0, 0] > resampled[0, 0, 0] and torch.equal(resampled[0], resampled[0, 0, 0].expand(8, 8))
     same = torch.randn(1, 64, 5)
     assert torch.allclose(resample_positional_embedding(same, (4, 4, 4), (4, 4, 4)), same)
+
+
+def test_a_pretrain_patch_size_entry_overrides_the_configuration_patch():
+    """Plans that record the whole VoCo patch (256x256x64) name the crop in ``pretrain_patch_size`` instead."""
+    checkpoint = LAYOUTS["voco_primus"].checkpoint()
+    plan = checkpoint["nnssl_adaptation_plan"]
+    plan["pretrain_plan"]["configurations"]["onemmiso"]["patch_size"] = [128, 128, 32]
+    with pytest.raises(PretrainedWeightsError, match=r"does not fit the pretraining patch \[128, 128, 32\]"):
+        transfer_pretrained_weights(downstream_network(plan), checkpoint["network_weights"], plan,
+                                    patch_size=DOWNSTREAM_PATCH)
+    plan["pretrain_patch_size"] = CROP
+    report = transfer_pretrained_weights(downstream_network(plan), checkpoint["network_weights"], plan,
+                                         patch_size=DOWNSTREAM_PATCH)
+    assert any(line.startswith("eva.pos_embed: resampled (1, 64, 96)") for line in report.adapted)
 
 
 def test_full_size_openmind_plans_by_preset_name_map_on_the_meta_device():
@@ -179,7 +194,8 @@ def test_reference_checkpoint_through_prepare_finetune_and_nnunetv2_train(name, 
     assert plans["nnssl_pretrained"]["trainer_name"] == LAYOUTS[name].trainer_name
     run_command(["nnUNetv2_train", dataset_id, "3d_fullres", "all", "-tr", "nnsslFinetuneTrainer", "-p",
                  "nnsslFinetunePlans", "-device", "cpu"], extra_env=SMOKE_1)
-    folder = nnunet_dirs["nnUNet_results"] / dataset / "nnsslFinetuneTrainer__nnsslFinetunePlans__3d_fullres" / "fold_all"
+    folder = nnunet_dirs["nnUNet_results"] / dataset / "nnsslFinetuneTrainer__nnsslFinetunePlans__3d_fullres" / \
+        "fold_all"
     log = "".join(p.read_text() for p in folder.glob("training_log_*.txt"))
     network = downstream_network(LAYOUTS[name].plan())
     encoder_tensors = len({v.data_ptr() for v in network.get_submodule(network.key_to_encoder).state_dict().values()})

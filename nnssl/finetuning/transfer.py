@@ -169,7 +169,10 @@ def transfer_pretrained_weights(network: nn.Module, network_weights: Dict[str, t
 
 
 def pretrain_patch_size(adaptation_plan: dict) -> Optional[List[int]]:
-    """The patch the checkpoint was pretrained on (the reference records the crop size for its contrastive methods)."""
+    """The patch the checkpoint was pretrained on: the reference records the crop size of its contrastive methods in
+    the pretraining configuration, and its downstream code lets a ``pretrain_patch_size`` entry override that."""
+    if adaptation_plan.get("pretrain_patch_size"):
+        return list(adaptation_plan["pretrain_patch_size"])
     try:
         return list(pretrain_configuration(adaptation_plan)["patch_size"])
     except (KeyError, TypeError, StopIteration):
