@@ -23,6 +23,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from nnssl.architectures import transferable_prefixes
 from nnssl.errors import PretrainedWeightsError
 from nnssl.finetuning.adaptation_plan import KEYS_TO_IN_PROJ, nnunet_architecture, pretrain_configuration
 from nnssl.finetuning.reference_layouts import (dropped_summary, map_onto_network, resample_positional_embedding,
@@ -32,6 +33,7 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 ALIASES = ((".all_modules.0.", ".conv."), (".all_modules.1.", ".norm."))
 DECODER_PREFIX = "decoder."
 NOT_TRANSFERRED_DECODER_PREFIXES = ("decoder.encoder.", "decoder.seg_layers.")
+
 
 def load_pretrained_checkpoint(path: str) -> dict:
     """Read a checkpoint onto the CPU (whatever device saved it) and check it carries ``network_weights``."""
@@ -112,8 +114,6 @@ def transfer_pretrained_weights(network: nn.Module, network_weights: Dict[str, t
 
     ``patch_size`` is the network's input patch; a Primus needs it when its positional embedding must be resampled.
     """
-    from nnssl.architectures import transferable_prefixes
-
     stem, encoder = transferable_prefixes(network)
     mapped = map_onto_network(canonical_state_dict(network_weights), adaptation_plan,
                               {"stem": stem, "encoder": encoder}, source)
