@@ -13,3 +13,7 @@ class UserError(Exception):
 class InvalidValueError(UserError, ValueError):
     """A value the user chose (an option, a plans entry, a checkpoint's architecture) that nnssl cannot use; still a
     ValueError for code that calls nnssl as a library."""
+
+
+class PretrainedWeightsError(UserError, RuntimeError):
+    """A pretrained checkpoint that cannot be used: unreadable, wrong format, or not matching the network."""

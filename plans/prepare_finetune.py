@@ -58,9 +58,13 @@ def prepare_finetune(dataset_id: int, checkpoint_path: str, plans_name: str = "n
 
     checkpoint = load_pretrained_checkpoint(checkpoint_path)
     if "nnssl_adaptation_plan" not in checkpoint:
+        spark = ("The reference's Spark trainers save none: add it with the reference's "
+                 "'python -m nnssl.utilities.add_adaptation_plan' (its -arch ResEncL defaults), then pass that "
+                 "checkpoint. ") if "spark_weights" in checkpoint else ""
         raise PretrainedWeightsError(
             f"{checkpoint_path} has no 'nnssl_adaptation_plan': it was not written by an nnssl pretraining trainer "
-            f"(or by nnssl). Use a pretraining checkpoint, or plan with nnsslPlanner and nnU-Net's -pretrained_weights.")
+            f"(or by nnssl). {spark}Use a pretraining checkpoint, or plan with nnsslPlanner and nnU-Net's "
+            f"-pretrained_weights.")
     check_weights_match_adaptation_plan(checkpoint, checkpoint_path)
     num_processes = num_processes or default_num_processes(MAX_DEFAULT_PROCESSES)
     num_processes_fingerprint = num_processes_fingerprint or default_num_processes(MAX_DEFAULT_PROCESSES)

@@ -163,7 +163,8 @@ class nnsslFinetuneTrainer(nnsslTrainerMixin, nnUNetTrainer):
         plan = checkpoint.get("nnssl_adaptation_plan") or self.plans_manager.plans.get("nnssl_pretrained") or {}
         self._check_same_family(plan, path)
         report = transfer_pretrained_weights(unwrap(self.network), checkpoint["network_weights"], plan,
-                                             self.recipe.transfer_parts, source=os.path.basename(path))
+                                             self.recipe.transfer_parts, source=os.path.basename(path),
+                                             patch_size=self.configuration_manager.patch_size)
         self.print_to_log_file(f"Pretrained weights from {path} ({checkpoint.get('trainer_name', 'unknown trainer')}):")
         for line in report.lines():
             self.print_to_log_file("  " + line)

@@ -5,31 +5,34 @@ Rules (S3D fine-tuning; reference behaviour in nnssl-behaviour.md §3.3):
   stripped, and nnU-Net's duplicate ``decoder.encoder.*`` keys are ignored;
 * dna registers every conv/norm twice (``.conv``/``.norm`` and ``.all_modules.0/1``); checkpoints written by
   nnssl's Spark trainer hold untrained tensors under the first alias, so the ``all_modules`` tensors always win;
-* parts are selected by the adaptation plan's prefixes (``key_to_stem``, ``key_to_encoder``);
-* a one-channel pretrained stem is replicated over the downstream input channels and divided by their number;
+* the adaptation plan's prefixes (``key_to_stem``, ``key_to_encoder``) say where stem and encoder are in the
+  checkpoint; they are renamed to the network's own (``reference_layouts``: e.g. the reference's contrastive Primus
+  keeps its encoder at ``encoder.eva``), every other tensor must be a known pretraining-only part or is refused;
+* a one-channel pretrained stem is replicated over the downstream input channels and divided by their number, and
+  a Primus's learned positional embedding pretrained on another patch is resampled to the downstream token grid;
 * strict on both sides: a transferred tensor that is missing, of the wrong shape, or present in the checkpoint but
   not in the network (e.g. an encoder with more blocks at the same widths) is reported in ONE error listing every
   offending key and its shapes.
 """
 
+import math
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from nnssl.errors import UserError
-from nnssl.finetuning.adaptation_plan import KEY_TO_ENCODER, KEY_TO_STEM, KEYS_TO_IN_PROJ, nnunet_architecture
+from nnssl.architectures import transferable_prefixes
+from nnssl.errors import PretrainedWeightsError
+from nnssl.finetuning.adaptation_plan import KEYS_TO_IN_PROJ, nnunet_architecture, pretrain_configuration
+from nnssl.finetuning.reference_layouts import (dropped_summary, map_onto_network, resample_positional_embedding,
+                                                token_grid)
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 ALIASES = ((".all_modules.0.", ".conv."), (".all_modules.1.", ".norm."))
 DECODER_PREFIX = "decoder."
 NOT_TRANSFERRED_DECODER_PREFIXES = ("decoder.encoder.", "decoder.seg_layers.")
-
-
-class PretrainedWeightsError(UserError, RuntimeError):
-    """A checkpoint that cannot be used: unreadable, wrong format, or not matching the network."""
 
 
 def load_pretrained_checkpoint(path: str) -> dict:
@@ -78,9 +81,13 @@ class TransferReport:
     loaded: Dict[str, int] = field(default_factory=dict)
     adapted: List[str] = field(default_factory=list)
     skipped: Dict[str, Tuple[int, str]] = field(default_factory=dict)
+    layout: str = ""
+    renamed: List[str] = field(default_factory=list)
 
     def lines(self) -> List[str]:
-        lines = [f"loaded {n} tensors into the {part}" for part, n in self.loaded.items()]
+        lines = [f"checkpoint layout: {self.layout}"] if self.layout else []
+        lines += [f"renamed {r}" for r in self.renamed]
+        lines += [f"loaded {n} tensors into the {part}" for part, n in self.loaded.items()]
         lines += [f"adapted {a}" for a in self.adapted]
         lines += [f"skipped {n} checkpoint tensors: {what} ({why})" for what, (n, why) in self.skipped.items()]
         return lines
@@ -101,16 +108,22 @@ def replicate_input_channels(weight: torch.Tensor, num_channels: int) -> torch.T
 
 def transfer_pretrained_weights(network: nn.Module, network_weights: Dict[str, torch.Tensor],
                                 adaptation_plan: dict, parts: Sequence[str] = ("stem", "encoder"),
-                                source: str = "checkpoint") -> TransferReport:
-    """Copy the selected parts of a pretrained state dict into ``network`` (in place) and report what happened."""
-    prefixes = {"stem": adaptation_plan.get("key_to_stem") or KEY_TO_STEM,
-                "encoder": adaptation_plan.get("key_to_encoder") or KEY_TO_ENCODER,
-                "decoder": DECODER_PREFIX}
+                                source: str = "checkpoint",
+                                patch_size: Optional[Sequence[int]] = None) -> TransferReport:
+    """Copy the selected parts of a pretrained state dict into ``network`` (in place) and report what happened.
+
+    ``patch_size`` is the network's input patch; a Primus needs it when its positional embedding must be resampled.
+    """
+    stem, encoder = transferable_prefixes(network)
+    mapped = map_onto_network(canonical_state_dict(network_weights), adaptation_plan,
+                              {"stem": stem, "encoder": encoder}, source)
+    prefixes = {"stem": stem, "encoder": encoder, "decoder": DECODER_PREFIX}
     prefixes = {part: prefixes[part] for part in parts}
-    in_proj = {k + ".weight" for k in (adaptation_plan.get("keys_to_in_proj") or KEYS_TO_IN_PROJ)}
-    pretrained = canonical_state_dict(network_weights)
+    in_proj = {k + ".weight" for k in (getattr(network, "keys_to_in_proj", None) or KEYS_TO_IN_PROJ)}
+    lpe = getattr(network, "key_to_lpe", None)
+    pretrained = mapped.state
     target = network.state_dict()
-    report = TransferReport()
+    report = TransferReport(layout=mapped.layout, renamed=mapped.renamed)
     new_values, problems, loaded_storages = {}, [], {}
     for key, tensor in target.items():
         part = part_of(key, prefixes)
@@ -125,6 +138,13 @@ def transfer_pretrained_weights(network: nn.Module, network_weights: Dict[str, t
             value = replicate_input_channels(value, tensor.shape[1])
             report.adapted.append(f"{key}: replicated {tuple(pretrained[key].shape)} -> {tuple(tensor.shape)} "
                                   f"over the input channels (divided by {tensor.shape[1] // pretrained[key].shape[1]})")
+        resampled = resampled_lpe(value, tensor, adaptation_plan, pretrained, in_proj, patch_size, source) \
+            if key == lpe and value.shape != tensor.shape else None
+        if resampled is not None:
+            value = resampled
+            report.adapted.append(f"{key}: resampled {tuple(pretrained[key].shape)} -> {tuple(tensor.shape)} "
+                                  f"(pretraining patch {list(pretrain_patch_size(adaptation_plan))} -> downstream "
+                                  f"patch {list(patch_size)}, trilinear)")
         if value.shape != tensor.shape:
             problems.append(f"  {key}: {source} {tuple(value.shape)} vs network {tuple(tensor.shape)}")
             continue
@@ -144,32 +164,36 @@ def transfer_pretrained_weights(network: nn.Module, network_weights: Dict[str, t
         raise PretrainedWeightsError(f"The network has no tensors under {missing_parts} "
                                      f"(prefixes {[prefixes[p] for p in missing_parts]}).")
     network.load_state_dict(new_values, strict=False)
-    report.skipped = skipped_summary(pretrained, prefixes)
+    report.skipped = dropped_summary([key for key in pretrained if not part_of(key, prefixes)])
     return report
 
 
-def skipped_summary(pretrained: Dict[str, torch.Tensor], prefixes: Dict[str, str]) -> Dict[str, Tuple[int, str]]:
-    """Group the checkpoint tensors that were not transferred, with the reason for each group."""
-    reasons = {
-        "decoder.encoder.*": "nnU-Net's duplicate references to the encoder",
-        "decoder.seg_layers.*": "output heads are task specific and always start fresh",
-        "decoder.*": "decoder not transferred (fresh decoder; use the _encdec trainer to transfer it)",
-        "other": "not transferred (e.g. a Primus's patch decoder and mask token; they start fresh)",
-    }
-    counts: Dict[str, int] = {}
-    for key in pretrained:
-        if part_of(key, prefixes):
-            continue
-        if key.startswith("decoder.encoder."):
-            group = "decoder.encoder.*"
-        elif key.startswith("decoder.seg_layers."):
-            group = "decoder.seg_layers.*"
-        elif key.startswith(DECODER_PREFIX):
-            group = "decoder.*"
-        else:
-            group = "other"
-        counts[group] = counts.get(group, 0) + 1
-    return {group: (n, reasons[group]) for group, n in counts.items()}
+def pretrain_patch_size(adaptation_plan: dict) -> Optional[List[int]]:
+    """The patch the checkpoint was pretrained on: the reference records the crop size of its contrastive methods in
+    the pretraining configuration, and its downstream code lets a ``pretrain_patch_size`` entry override that."""
+    if adaptation_plan.get("pretrain_patch_size"):
+        return list(adaptation_plan["pretrain_patch_size"])
+    try:
+        return list(pretrain_configuration(adaptation_plan)["patch_size"])
+    except (KeyError, TypeError, StopIteration):
+        return None
+
+
+def resampled_lpe(value: torch.Tensor, tensor: torch.Tensor, adaptation_plan: dict, pretrained: dict,
+                  in_proj: set, patch_size: Optional[Sequence[int]], source: str) -> Optional[torch.Tensor]:
+    """The checkpoint's positional embedding on the network's token grid, or None (then reported as a shape
+    mismatch) when the grids cannot be told from the plan and the patch embedding."""
+    source_patch = pretrain_patch_size(adaptation_plan)
+    kernel = next((pretrained[k].shape[2:] for k in in_proj if k in pretrained), None)
+    if source_patch is None or patch_size is None or kernel is None or value.shape[-1] != tensor.shape[-1]:
+        return None
+    source_grid, target_grid = token_grid(source_patch, kernel), token_grid(patch_size, kernel)
+    if math.prod(source_grid) != value.shape[1] or math.prod(target_grid) != tensor.shape[1]:
+        raise PretrainedWeightsError(
+            f"{source}: the positional embedding {tuple(value.shape)} does not fit the pretraining patch "
+            f"{source_patch} (token grid {list(source_grid)}), so it cannot be resampled to the network's "
+            f"{tuple(tensor.shape)}. Check pretrain_plan's patch_size in the checkpoint's nnssl_adaptation_plan.")
+    return resample_positional_embedding(value, source_grid, target_grid)
 
 
 def check_weights_match_adaptation_plan(checkpoint: dict, source: str) -> TransferReport:
@@ -188,7 +212,8 @@ def check_weights_match_adaptation_plan(checkpoint: dict, source: str) -> Transf
     except ValueError as error:
         raise PretrainedWeightsError(f"{source}: {error}") from None
     try:
-        return transfer_pretrained_weights(network, checkpoint["network_weights"], plan, source=source)
+        return transfer_pretrained_weights(network, checkpoint["network_weights"], plan, source=source,
+                                           patch_size=architecture["arch_kwargs"].get("input_shape"))
     except PretrainedWeightsError as error:
         raise PretrainedWeightsError(f"{source}: its weights do not match its own nnssl_adaptation_plan "
                                      f"(architecture_plans). {error}") from None
