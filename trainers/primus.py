@@ -8,6 +8,8 @@ reconstruction figures and the checkpoint format are S3D's; the recipe is the re
 (``PRIMUS_MAE_RECIPE``: AdamW 3e-4, warm-up, poly).
 """
 
+from typing import Optional
+
 import torch
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import nn
@@ -22,15 +24,18 @@ from nnssl.trainers.s3d import S3DPretrainTrainer
 from nnssl.trainers.variants import define_epoch_variants
 
 
-def check_primus_plans(trainer_name: str, configuration_manager: ConfigurationManager, masking: MaskingConfig,
-                       plans_name: str) -> None:
+def check_primus_plans(trainer_name: str, configuration_manager: ConfigurationManager,
+                       masking: Optional[MaskingConfig], plans_name: str,
+                       resenc_trainer: str = "S3DPretrainTrainer") -> None:
     """A Primus trainer needs Primus plans, and mask blocks made of whole tokens (else masked voxels leak into
-    visible tokens, or nothing is dropped)."""
+    visible tokens, or nothing is dropped); ``masking`` None: the trainer masks nothing."""
     name = configuration_manager.network_arch_class_name
     if not is_primus(name):
         raise UserError(f"{trainer_name} pretrains a Primus, but the plans {plans_name} build {name}. Plan the "
                         f"dataset with -pl nnsslPlannerPrimus (or nnsslPlannerPrimusTiny) and train with "
-                        f"-p nnsslPlansPrimus, or use S3DPretrainTrainer for ResEnc plans.")
+                        f"-p nnsslPlansPrimus, or use {resenc_trainer} for ResEnc plans.")
+    if masking is None:
+        return
     embedding = configuration_manager.network_arch_init_kwargs["patch_embed_size"]
     if any(masking.block_size % int(e) for e in embedding):
         raise UserError(f"{trainer_name}: mask block size {masking.block_size} is not a multiple of the Primus "

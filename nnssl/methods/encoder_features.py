@@ -50,9 +50,15 @@ def freeze_parts_without_gradient(network: nn.Module) -> None:
     """Freeze what an embedding never runs through (a U-Net's decoder, a Primus's patch decoder).
 
     nnU-Net's DDP wrapper (``find_unused_parameters=False``) rejects parameters without a gradient; frozen, their
-    keys stay in the state dict, so checkpoints still load into a plain network."""
-    part = network.up_projection if is_primus_network(network) else network.decoder
-    part.requires_grad_(False)
+    keys stay in the state dict, so checkpoints still load into a plain network. A dna U-Net's decoder holds the
+    encoder as a submodule (``decoder.encoder``): those shared parameters stay trainable."""
+    if is_primus_network(network):
+        network.up_projection.requires_grad_(False)
+        return
+    encoder_parameters = {id(p) for p in network.encoder.parameters()}
+    for parameter in network.decoder.parameters():
+        if id(parameter) not in encoder_parameters:
+            parameter.requires_grad_(False)
 
 
 def encoder_state_dict(network: nn.Module) -> Dict[str, torch.Tensor]:
