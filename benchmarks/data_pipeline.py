@@ -83,7 +83,7 @@ PIPELINES: dict[str, PipelineSpec] = {
     "mae_pretraining": _pretraining(MAEPretrainTrainer, **S3D_INGEST),
     "amaes_pretraining": _pretraining(AMAESPretrainTrainer, **S3D_INGEST),
     "models_genesis_pretraining": _pretraining(ModelsGenesisPretrainTrainer),
-    "voco_pretraining": _pretraining(VoCoPretrainTrainer, voco_geometry=VoCoPretrainTrainer.geometry),
+    "voco_pretraining": _pretraining(VoCoPretrainTrainer, crop_geometry=VoCoPretrainTrainer.geometry),
     "volume_fusion_pretraining": _pretraining(VolumeFusionPretrainTrainer),
 }
 
@@ -91,12 +91,12 @@ PIPELINES: dict[str, PipelineSpec] = {
 def loader_trainer(spec: PipelineSpec, patch_size: tuple[int, ...]) -> nnUNetTrainer:
     """The trainer without its ``__init__``: only what its data set-up methods read (a missing attribute fails).
 
-    VoCo crops its own patch (its ``__init__`` swaps the plans' patch for the VoCo geometry's), so does this.
+    VoCo crops its own patch (its ``__init__`` swaps the plans' patch for the crop geometry's), so does this.
     """
     trainer = object.__new__(spec.trainer)
     attributes = dict(spec.attributes)
-    if "voco_geometry" in attributes:
-        patch_size = attributes["voco_geometry"].patch_size
+    if "crop_geometry" in attributes:
+        patch_size = attributes["crop_geometry"].patch_size
     trainer.configuration_manager = preset_configuration(RESENC_L, patch_size)
     trainer.enable_deep_supervision = spec.deep_supervision
     trainer.inference_allowed_mirroring_axes = None

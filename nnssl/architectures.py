@@ -58,3 +58,4 @@ def network_from_configuration(configuration_manager, input_channels: int, outpu
 def transferable_prefixes(network: nn.Module) -> tuple:
     """The state-dict prefixes of the pretrained parts (stem, encoder) of a dna network, as dna declares them."""
     return network.key_to_stem, network.key_to_encoder
+

@@ -87,6 +87,13 @@ VOCO = Citation(
     "@inproceedings{wu2024voco, title={VoCo: A Simple-yet-Effective Volume Contrastive Learning Framework for 3D "
     "Medical Image Analysis}, author={Wu, Linshan and Zhuang, Jiaxin and Chen, Hao}, booktitle={CVPR}, "
     "year={2024}}")
+SIMCLR = Citation(
+    "pretraining method", "SimCLR",
+    "Chen T, Kornblith S, Norouzi M, Hinton G. A Simple Framework for Contrastive Learning of Visual "
+    "Representations. ICML 2020 (PMLR 119, 1597-1607).",
+    "@inproceedings{chen2020simple, title={A Simple Framework for Contrastive Learning of Visual Representations}, "
+    "author={Chen, Ting and Kornblith, Simon and Norouzi, Mohammad and Hinton, Geoffrey}, booktitle={ICML}, "
+    "pages={1597--1607}, year={2020}}")
 MODELS_GENESIS = Citation(
     "pretraining method", "Models Genesis",
     "Zhou Z, Sodha V, Pang J, Gotway MB, Liang J. Models Genesis. Medical Image Analysis 67, 101840 (2021).",

@@ -174,17 +174,19 @@ TINY_DATASET_ID, TINY_DATASET = 31, "Dataset031_Pre"
 
 @pytest.fixture(scope="session")
 def _shared_tiny_dataset(tmp_path_factory) -> Dict[str, Path]:
-    """One tiny dataset planned and preprocessed with nnsslPlannerTiny, shared by every pretraining-trainer test
-    (each trainer writes to its own results folder, so the runs do not interfere)."""
+    """One tiny dataset planned and preprocessed with nnsslPlannerTiny (plans nnsslPlansTiny) and
+    nnsslPlannerPrimusTiny (nnsslPlansPrimusTiny), shared by every pretraining-trainer test (each trainer writes to its
+    own results folder, so the runs do not interfere)."""
     root = tmp_path_factory.mktemp("tiny_pretraining")
     dirs = {variable: root / variable for variable in NNUNET_VARIABLES}
     for folder in dirs.values():
         folder.mkdir()
     write_labeled_dataset(dirs["nnUNet_raw"], TINY_DATASET_ID, "Pre", shapes=[(40, 44, 38), (36, 40, 42)],
                           spacings=[(1.2, 1.0, 1.0), (1.0, 1.1, 0.9)])
-    run_command(["nnUNetv2_plan_and_preprocess", "-d", TINY_DATASET_ID, "-pl", "nnsslPlannerTiny", "-c",
-                 "3d_fullres", "-np", 1, "-npfp", 1, "--no_pbar"],
-                extra_env={variable: str(folder) for variable, folder in dirs.items()})
+    for planner in ("nnsslPlannerTiny", "nnsslPlannerPrimusTiny"):
+        run_command(["nnUNetv2_plan_and_preprocess", "-d", TINY_DATASET_ID, "-pl", planner, "-c", "3d_fullres",
+                     "-np", 1, "-npfp", 1, "--no_pbar"],
+                    extra_env={variable: str(folder) for variable, folder in dirs.items()})
     return dirs
 
 

@@ -10,13 +10,14 @@ import torch
 import torch.nn.functional as F
 
 from bad_input_helpers import assert_one_line_error
-from conftest import SMOKE_PRETRAINING, TINY_DATASET, TINY_DATASET_ID, run_command, tiny_network
+from conftest import TINY_DATASET, TINY_DATASET_ID, run_command, tiny_network
+from method_pairs import FAMILY_PLANS, check_pretraining_pair
 from nnssl.citations import apa_lines
 from nnssl.methods.contrastive import DEFAULT_TEMPERATURE
 from nnssl.methods.encoder_features import encoder_state_dict
-from nnssl.methods.swinunetr import (CutoutConfig, SwinUNETRModel, SwinUNETROutput, SwinUNETRViewTransform, cut_out,
-                                     pack_view_targets, sample_cutout_boxes, split_views, swinunetr_loss_parts,
-                                     unpack_view_targets)
+from nnssl.methods.swinunetr import (CutoutConfig, SwinUNETRGeometry, SwinUNETRModel, SwinUNETROutput,
+                                     SwinUNETRViewTransform, cut_out, pack_view_targets, sample_cutout_boxes,
+                                     split_views, swinunetr_loss_parts, unpack_view_targets)
 
 VIEW = (16, 16, 8)
 
@@ -179,19 +180,15 @@ def test_pooled_heads_read_the_mean_and_token_heads_the_reference_positions(fami
         torch.testing.assert_close(output.contrast, model.contrast_head(contrast_input))
 
 
-def test_view_sizes_and_a_primus_built_at_the_view_size():
-    from nnssl.architectures import network_from_configuration
-    from nnssl.presets import PRIMUS_TINY
-    from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
-    from nnssl.trainers.swinunetr import SwinUNETRPretrainTrainer, configuration_at_view_size
+def test_views_are_the_plans_patch_made_square_or_32_cubed_on_tiny_plans():
+    from nnssl.trainers.swinunetr import SwinUNETRPretrainTrainer
 
-    assert SwinUNETRPretrainTrainer.select_view_size((160, 160, 160)) == (160, 160, 160)
-    assert SwinUNETRPretrainTrainer.select_view_size((192, 160, 128)) == (160, 160, 128)
-    assert SwinUNETRPretrainTrainer.select_view_size((64, 64, 64)) == (32, 32, 32)
-    configuration = {"patch_size": [64, 64, 64], "architecture": PRIMUS_TINY.architecture()}
-    at_view = ConfigurationManager(configuration_at_view_size(configuration, (32, 32, 32)))
-    network = network_from_configuration(at_view, 1, 1)
-    assert network.eva.pos_embed.shape[1] == 4 ** 3 and configuration["patch_size"] == [64, 64, 64]
+    assert SwinUNETRPretrainTrainer.select_geometry((160, 160, 160)).view_size == (160, 160, 160)
+    assert SwinUNETRPretrainTrainer.select_geometry((192, 160, 128)).view_size == (160, 160, 128)
+    tiny = SwinUNETRPretrainTrainer.select_geometry((64, 64, 64))
+    assert tiny.view_size == tiny.patch_size == tiny.crop_size == (32, 32, 32)
+    with pytest.raises(ValueError):
+        SwinUNETRGeometry((32, 16, 32))
 
 
 # ------------------------------------------------------------------------------------------------ stock command
@@ -203,8 +200,8 @@ def test_a_global_batch_of_one_is_refused_with_the_plans_batch_size(tiny_pretrai
     (folder / "nnsslPlansTinyBatch1.json").write_text(json.dumps(plans))
     result = run_command(["nnUNetv2_train", TINY_DATASET_ID, "3d_fullres", "all", "-tr", "SwinUNETRPretrainTrainer",
                           "-p", "nnsslPlansTinyBatch1", "-device", "cpu"], check=False)
-    assert_one_line_error(result, "nnsslPlansTinyBatch1 give batch_size 1", "no negative",
-                          "batch_size to 2 or more")
+    assert_one_line_error(result, "SwinUNETRPretrainTrainer needs at least 2 samples in the global batch",
+                          "nnsslPlansTinyBatch1 have batch_size 1", "Set \"batch_size\" to 2 or more")
 
 
 # ---------------------------------------------------------------------------------------------------- end to end
@@ -212,24 +209,15 @@ PART_PREFIXES = ("rotation_head.", "contrast_head.")
 TRANSFER_PREFIXES = {"resenc": ("encoder.stem.", "encoder.stages."), "primus": ("down_projection.", "eva.")}
 
 
-def pretrain(dirs, trainer: str, family: str) -> dict:
-    """A smoke run of ``trainer`` through nnUNetv2_train on the shared tiny dataset; its final checkpoint."""
-    plans = "nnsslPlansTiny" if family == "resenc" else "nnsslPlansPrimusTiny"
-    if family == "primus":
-        run_command(["nnUNetv2_plan_and_preprocess", "-d", TINY_DATASET_ID, "-pl", "nnsslPlannerPrimusTiny", "-c",
-                     "3d_fullres", "-np", 1, "-npfp", 1, "--no_pbar"])
-    run_command(["nnUNetv2_train", TINY_DATASET_ID, "3d_fullres", "all", "-tr", trainer, "-p", plans, "-device", "cpu"],
-                extra_env={**SMOKE_PRETRAINING, "nnssl_seed": "0"})
-    out = dirs["nnUNet_results"] / TINY_DATASET / f"{trainer}__{plans}__3d_fullres" / "fold_all"
-    assert (out / "reconstruction_epoch_0000.png").is_file()
-    assert "train loss parts: rotation " in "".join(p.read_text() for p in out.glob("training_log_*.txt"))
-    return torch.load(out / "checkpoint_final.pth", map_location="cpu", weights_only=False)
-
-
 @pytest.mark.parametrize("trainer, family", [("SwinUNETRPretrainTrainer", "resenc"),
                                              ("PrimusSwinUNETRPretrainTrainer", "primus")])
-def test_pretraining_exports_stem_and_encoder_at_the_view_size(tiny_pretraining_dataset, trainer, family):
-    checkpoint = pretrain(tiny_pretraining_dataset, trainer, family)
+def test_pretraining_pair_end_to_end(tiny_pretraining_dataset, trainer, family, tmp_path):
+    """nnUNetv2_train, 2 DDP ranks, fine-tuning (``check_pretraining_pair``); then what SwinUNETR's checkpoint holds."""
+    checkpoint = check_pretraining_pair(tiny_pretraining_dataset, trainer, family, tmp_path)
+    two_rank_folder = tmp_path / "two_rank_results" / TINY_DATASET / f"{trainer}__{FAMILY_PLANS[family]}__3d_fullres"
+    assert (two_rank_folder / "fold_all" / "reconstruction_epoch_0001.png").is_file()
+    log = "".join(p.read_text() for p in (two_rank_folder / "fold_all").glob("training_log_*.txt"))
+    assert "train loss parts: rotation " in log and ", reconstruction " in log
     weights = checkpoint["network_weights"]
     assert weights and all(k.startswith(TRANSFER_PREFIXES[family]) for k in weights)
     assert set(weights) == set(encoder_state_dict(fresh_network(family)))

@@ -9,7 +9,7 @@ from torch import nn
 
 from conftest import assert_encoder_only_checkpoint, pretrain_smoke
 from nnssl.citations import apa_lines
-from nnssl.integration.checkpoint import encoder_only_state_dict
+from nnssl.methods.encoder_features import encoder_only_state_dict
 from nnssl.methods.voco import (VoCoGeometry, VoCoModel, VoCoProjector, crop_overlaps, feature_norm,
                                 voco_prediction_loss, voco_regularisation_loss, voco_transforms)
 

@@ -22,7 +22,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch import nn
 
 from nnssl import citations
-from nnssl.integration.checkpoint import encoder_only_state_dict
+from nnssl.methods.encoder_features import encoder_only_state_dict
 from nnssl.methods.amaes import (AMAESModel, CarryCleanTarget, augmentation_reversal_loss,
                                  augmentation_reversal_transforms, split_input_and_target)
 from nnssl.methods.masking import MaskingConfig, upsample_mask

@@ -8,8 +8,6 @@ reconstruction figures and the checkpoint format are S3D's; the recipe is the re
 (``PRIMUS_MAE_RECIPE``: AdamW 3e-4, warm-up, poly).
 """
 
-from typing import Optional
-
 import torch
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import nn
@@ -24,35 +22,48 @@ from nnssl.trainers.s3d import S3DPretrainTrainer
 from nnssl.trainers.variants import define_epoch_variants
 
 
-def check_primus_plans(trainer_name: str, configuration_manager: ConfigurationManager,
-                       masking: Optional[MaskingConfig], plans_name: str,
-                       resenc_trainer: str = "S3DPretrainTrainer") -> None:
-    """A Primus trainer needs Primus plans, and mask blocks made of whole tokens (else masked voxels leak into
-    visible tokens, or nothing is dropped); ``masking`` None: the trainer masks nothing."""
+def require_primus_plans(trainer_name: str, configuration_manager: ConfigurationManager, plans_name: str,
+                         resenc_trainer: str) -> None:
+    """A Primus trainer needs Primus plans; ``resenc_trainer`` is the method's trainer for ResEnc plans."""
     name = configuration_manager.network_arch_class_name
     if not is_primus(name):
         raise UserError(f"{trainer_name} pretrains a Primus, but the plans {plans_name} build {name}. Plan the "
                         f"dataset with -pl nnsslPlannerPrimus (or nnsslPlannerPrimusTiny) and train with "
                         f"-p nnsslPlansPrimus, or use {resenc_trainer} for ResEnc plans.")
-    if masking is None:
-        return
+
+
+def check_mask_blocks(trainer_name: str, configuration_manager: ConfigurationManager, masking: MaskingConfig) -> None:
+    """Mask blocks made of whole tokens (else masked voxels leak into visible tokens, or nothing is dropped)."""
     embedding = configuration_manager.network_arch_init_kwargs["patch_embed_size"]
     if any(masking.block_size % int(e) for e in embedding):
         raise UserError(f"{trainer_name}: mask block size {masking.block_size} is not a multiple of the Primus "
                         f"patch embedding {list(embedding)}: token dropping masks whole tokens.")
 
 
-class PrimusMAEPretrainTrainer(S3DPretrainTrainer):
-    citations = (citations.NNUNET, citations.PRIMUS, citations.OPENMIND, citations.MAE)
+class PrimusPretraining:
+    """Mixin (first base) that moves a pretraining method onto the Primus: Primus plans are required, and the
+    recipe is the reference's for every Primus ("Eva") trainer, MAE and baselines alike (``PRIMUS_MAE_RECIPE``)."""
+
     recipe = PRIMUS_MAE_RECIPE
+    resenc_trainer = ""  # the same method's trainer for ResEnc plans, named when the plans build no Primus
+
+    def __init__(self, plans: dict, configuration: str, fold, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        require_primus_plans(self.__class__.__name__, self.configuration_manager, self.plans_manager.plans_name,
+                             self.resenc_trainer)
+
+
+class PrimusMAEPretrainTrainer(PrimusPretraining, S3DPretrainTrainer):
+    citations = (citations.NNUNET, citations.PRIMUS, citations.OPENMIND, citations.MAE)
+    resenc_trainer = "S3DPretrainTrainer"
     masking = MaskingConfig(block_size=8, ratio_range=(0.75, 0.75))
     decoder = TokenDecoderConfig()
 
     def __init__(self, plans: dict, configuration: str, fold, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        check_primus_plans(self.__class__.__name__, self.configuration_manager, self.masking,
-                           self.plans_manager.plans_name)
+        check_mask_blocks(self.__class__.__name__, self.configuration_manager, self.masking)
 
     def wrap_network(self, network: nn.Module) -> nn.Module:
         return PrimusMAEModel(network, self.configuration_manager.patch_size, self.decoder)

@@ -16,96 +16,69 @@ reference behaviour.
 """
 
 from dataclasses import replace
-from typing import Dict, Sequence
+from typing import Dict, Optional
 
 import torch
 from torch import nn
 from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
-from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
 from nnssl import citations
-from nnssl.integration.checkpoint import encoder_only_state_dict
-from nnssl.finetuning.adaptation_plan import build_adaptation_plan
-from nnssl.trainers.pretraining import nnsslPretrainTrainer
+from nnssl.integration.checkpoint import unwrap
+from nnssl.methods.encoder_features import is_primus_network
+from nnssl.trainers.crop_pretext import CropPretextTrainer
 from nnssl.trainers.variants import define_epoch_variants
 from nnssl.methods.voco import VoCoGeometry, VoCoModel, voco_prediction_loss, voco_regularisation_loss, voco_transforms
 
-# Plans whose patch is smaller than this on some axis are CPU/test presets: they get the tiny VoCo geometry.
-TINY_PLANS_PATCH_EDGE = 128
 
-
-class VoCoPretrainTrainer(nnsslPretrainTrainer):
+class VoCoPretrainTrainer(CropPretextTrainer):
     citations = citations.PRETRAINING_BASE + (citations.VOCO,)
     geometry = VoCoGeometry(patch_size=(256, 256, 64), base_crop_count=(4, 4, 1), target_crop_count=4)
     tiny_geometry = VoCoGeometry(patch_size=(64, 64, 32), base_crop_count=(2, 2, 1), target_crop_count=4)
     prediction_loss_weight = 1.0
     regularisation_loss_weight = 1.0
-
-    def __init__(self, plans: dict, configuration: str, fold, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.voco_geometry = self.select_geometry(self.configuration_manager.patch_size)
-        # The loader crops the VoCo patch; the plans themselves (plans.json, adaptation plan) stay untouched.
-        self.configuration_manager = ConfigurationManager(
-            {**self.configuration_manager.configuration, "patch_size": list(self.voco_geometry.patch_size)})
-
-    @classmethod
-    def select_geometry(cls, plans_patch_size: Sequence[int]) -> VoCoGeometry:
-        """The tiny geometry for CPU/test presets, the configured one otherwise."""
-        return cls.tiny_geometry if min(plans_patch_size) < TINY_PLANS_PATCH_EDGE else cls.geometry
-
-    def initialize(self):
-        first_call = not self.was_initialized
-        super().initialize()
-        if first_call:
-            self.print_to_log_file(f"VoCo geometry: {self.voco_geometry} -> base crops of "
-                                   f"{self.voco_geometry.crop_size}")
+    teacher_momentum: Optional[float] = None  # EMA decay per step of the teacher that embeds the bases (None: none)
 
     def wrap_network(self, network: nn.Module) -> nn.Module:
-        return VoCoModel(network.encoder)
+        return VoCoModel(network if is_primus_network(network) else network.encoder,
+                         teacher_momentum=self.teacher_momentum)
 
     def transferable_state_dict(self, model: nn.Module) -> Dict[str, torch.Tensor]:
-        return encoder_only_state_dict(model)
+        return model.transferable_state_dict()
 
-    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
-        """The loader cuts exactly the VoCo patch: no spatial transform, so no rotation margin (as the reference)."""
-        rotation, dummy_2d, _, mirror_axes = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
-        return rotation, dummy_2d, self.configuration_manager.patch_size, mirror_axes
+    def train_step(self, batch: dict) -> dict:
+        result = super().train_step(batch)
+        if self.teacher_momentum is not None:
+            unwrap(self.network).update_teacher()
+        return result
 
-    # nnU-Net declares these two static; here they are instance methods because the crop grid is chosen per run
-    # from the plans. nnU-Net only ever calls them on the trainer instance (get_dataloaders), with these arguments.
-    def get_training_transforms(self, patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes,
-                                do_dummy_2d_data_aug, use_mask_for_norm=None, is_cascaded=False,
-                                foreground_labels=None, regions=None, ignore_label=None) -> BasicTransform:
-        return voco_transforms(self.voco_geometry, augment=True)
-
-    def get_validation_transforms(self, deep_supervision_scales, is_cascaded=False, foreground_labels=None,
-                                  regions=None, ignore_label=None) -> BasicTransform:
-        return voco_transforms(self.voco_geometry, augment=False)
+    def crop_transforms(self, augment: bool) -> BasicTransform:
+        return voco_transforms(self.crop_geometry, augment)
 
     def compute_loss(self, batch: dict, train: bool) -> torch.Tensor:
         crops = batch["data"].to(self.device, non_blocking=True)  # (B, n_base + n_target, C, *crop)
         overlaps = batch["target"].to(self.device, non_blocking=True)  # (B, n_target, n_base)
         batch_size, n_crops = crops.shape[:2]
         embeddings = self.network(crops.flatten(0, 1)).view(batch_size, n_crops, -1)
-        n_base = self.voco_geometry.num_base_crops
+        n_base = self.crop_geometry.num_base_crops
         base, target = embeddings[:, :n_base], embeddings[:, n_base:]
-        return (self.prediction_loss_weight * voco_prediction_loss(target, base, overlaps)
+        prototypes = base
+        if self.teacher_momentum is not None:
+            prototypes = unwrap(self.network).teacher_embeddings(crops[:, :n_base].flatten(0, 1)) \
+                .view(batch_size, n_base, -1)
+        return (self.prediction_loss_weight * voco_prediction_loss(target, prototypes, overlaps)
                 + self.regularisation_loss_weight * voco_regularisation_loss(base))
-
-    def adaptation_plan(self) -> dict:
-        """As the reference: the crop size is both the recommended downstream patch and the recorded pretrain patch."""
-        crop_size = list(self.voco_geometry.crop_size)
-        plan = build_adaptation_plan(self.plans_manager.plans, self.configuration_name, self.num_input_channels,
-                                     crop_size)
-        plan["pretrain_plan"]["configurations"][self.configuration_name]["patch_size"] = crop_size
-        return plan
-
 
 class VoCoPretrainTrainer_noclip(VoCoPretrainTrainer):
     """No gradient clipping, as the reference VoCo trainer."""
 
     recipe = replace(VoCoPretrainTrainer.recipe, gradient_clip_norm=None)
+
+
+class VoCoPretrainTrainer_momentum(VoCoPretrainTrainer):
+    """Base crops of the prediction loss embedded by a momentum (EMA) teacher of encoder and projector, updated
+    after every step with decay ``teacher_momentum``, as the original VoCo (the reference has no teacher)."""
+
+    teacher_momentum = 0.99
 
 
 class VoCoPretrainTrainer_3x3x1(VoCoPretrainTrainer):
@@ -114,4 +87,5 @@ class VoCoPretrainTrainer_3x3x1(VoCoPretrainTrainer):
     geometry = VoCoGeometry(patch_size=(192, 192, 64), base_crop_count=(3, 3, 1), target_crop_count=5)
 
 
-define_epoch_variants(VoCoPretrainTrainer, globals())
+for _trainer in (VoCoPretrainTrainer, VoCoPretrainTrainer_momentum):
+    define_epoch_variants(_trainer, globals())

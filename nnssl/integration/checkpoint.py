@@ -117,15 +117,6 @@ def kept_checkpoints_note(output_folder: str) -> str:
     return f"No checkpoint was written yet in {output_folder}; rerun the same command to start again."
 
 
-def encoder_only_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """The ``encoder.*`` entries of a model that keeps its dna encoder as ``encoder`` (heads are not transferred).
-
-    What the methods export whose head or decoder is discarded after pretraining (VoCo's projector, AMAES'
-    decoder).
-    """
-    return {f"encoder.{key}": value for key, value in model.encoder.state_dict().items()}
-
-
 @dataclass
 class PretrainingCheckpoint:
     """Everything a pretraining checkpoint holds: nnU-Net's own fields, so that ``--c`` and nnU-Net's tools work, and

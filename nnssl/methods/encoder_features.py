@@ -33,11 +33,16 @@ def primus_tokens(network: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return tokens if registers is None else tokens[:, registers.shape[1]:]
 
 
+def pooled_stages(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(B, sum of stage widths): the global average of every stage output of a dna U-Net encoder, concatenated."""
+    return torch.cat([stage.flatten(2).mean(dim=2) for stage in encoder(x)], dim=1)
+
+
 def pooled_features(network: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """(B, ``pooled_feature_width``): one global embedding per sample."""
     if is_primus_network(network):
         return primus_tokens(network, x).mean(dim=1)
-    return torch.cat([stage.flatten(2).mean(dim=2) for stage in network.encoder(x)], dim=1)
+    return pooled_stages(network.encoder, x)
 
 
 def pooled_feature_width(network: nn.Module) -> int:
@@ -65,3 +70,12 @@ def encoder_state_dict(network: nn.Module) -> Dict[str, torch.Tensor]:
     """The stem and encoder entries of a plain dna network (its declared ``key_to_stem`` / ``key_to_encoder``)."""
     prefixes = tuple(prefix + "." for prefix in transferable_prefixes(network))
     return {key: value for key, value in network.state_dict().items() if key.startswith(prefixes)}
+
+
+def encoder_only_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The ``encoder.*`` entries of a model that keeps its dna encoder as ``encoder`` (heads are not transferred).
+
+    What the methods export whose head or decoder is discarded after pretraining (VoCo's projector, AMAES'
+    decoder).
+    """
+    return {f"encoder.{key}": value for key, value in model.encoder.state_dict().items()}

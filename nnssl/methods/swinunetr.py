@@ -210,8 +210,28 @@ def split_views(data: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return data[:, :, 0].flatten(0, 1), data[:, :, 1].flatten(0, 1)
 
 
-def square_view(patch_size: Sequence[int]) -> Tuple[int, ...]:
-    """The plans' patch with its (x, y) plane made square (the smaller edge), so that rotated views keep one shape."""
-    edge = min(int(patch_size[0]), int(patch_size[1]))
-    return (edge, edge) + tuple(int(p) for p in patch_size[2:])
+@dataclass(frozen=True)
+class SwinUNETRGeometry:
+    """Both views come from one crop of ``view_size``: the loader's patch and the network's input are that crop."""
+
+    view_size: Tuple[int, int, int]
+
+    def __post_init__(self) -> None:
+        if len(self.view_size) != 3 or self.view_size[0] != self.view_size[1]:
+            raise ValueError(f"SwinUNETR views are 3D with a square (x, y) plane (rotated in it), got "
+                             f"{self.view_size}.")
+
+    @property
+    def patch_size(self) -> Tuple[int, int, int]:
+        return self.view_size
+
+    @property
+    def crop_size(self) -> Tuple[int, int, int]:
+        return self.view_size
+
+    @classmethod
+    def square(cls, patch_size: Sequence[int]) -> "SwinUNETRGeometry":
+        """The plans' patch with its (x, y) plane made square (its smaller edge)."""
+        edge = min(int(patch_size[0]), int(patch_size[1]))
+        return cls((edge, edge, int(patch_size[2])))
 

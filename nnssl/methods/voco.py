@@ -12,9 +12,10 @@ arrives as ``data`` (B, n_base + n_target, C, *crop) and ``target`` (B, n_target
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
-from typing import Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -31,6 +32,9 @@ from batchgeneratorsv2.transforms.spatial.rot90 import Rot90Transform
 from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 from batchgeneratorsv2.transforms.utils.random import RandomTransform
 from torch import nn
+
+from nnssl.methods.encoder_features import (encoder_only_state_dict, encoder_state_dict, freeze_parts_without_gradient,
+                                            is_primus_network, pooled_feature_width, pooled_features, pooled_stages)
 
 
 # -log(1 - |overlap - similarity| + eps): eps keeps the logarithm finite when a prediction is completely wrong.
@@ -204,28 +208,69 @@ class VoCoProjector(nn.Sequential):
 
 
 class VoCoModel(nn.Module):
-    """A dna encoder whose globally pooled stage outputs, concatenated, feed the projector.
+    """A crop embedder (pooled features -> projector), optionally with a momentum (EMA) teacher.
 
-    Built from the ``encoder`` of the full dna UNet of the plans and held as ``encoder``, so its state-dict keys are
-    the UNet's own ``encoder.*`` keys; the UNet's decoder is not kept (it would receive no gradient). (The reference
-    builds an encoder-only network and then reads ``key_to_encoder`` from the encoder object, which dna 0.4.4 sets
-    only on the UNet, so it fails there; the key strings live in nnssl's adaptation plan instead.)
+    ``encoder`` is the part of the plans' network that a crop runs through, held as ``encoder``:
+    * a dna U-Net's ``encoder`` (its globally pooled stage outputs, concatenated): the state-dict keys are the UNet's
+      own ``encoder.*`` keys; the UNet's decoder is not kept (it would receive no gradient). (The reference builds an
+      encoder-only network and then reads ``key_to_encoder`` from the encoder object, which dna 0.4.4 sets only on
+      the UNet, so it fails there; the key strings live in nnssl's adaptation plan instead.)
+    * a whole dna Primus (the mean of its EVA output tokens; the patch decoder is frozen): keys
+      ``encoder.down_projection.*`` / ``encoder.eva.*``, the reference's VoCo-Eva layout.
+
+    ``teacher_momentum`` m: a frozen copy of encoder and projector, ``teacher.*``, follows the student after every
+    step (teacher <- m teacher + (1 - m) student) and embeds the base crops of the prediction loss, as the original
+    VoCo does; it runs in eval mode (no drop path) and is saved with the model, so a resumed run continues it.
     """
 
-    def __init__(self, encoder: nn.Module, projector_dim: int = PROJECTOR_DIM) -> None:
+    def __init__(self, encoder: nn.Module, projector_dim: int = PROJECTOR_DIM,
+                 teacher_momentum: Optional[float] = None) -> None:
         super().__init__()
-        if not getattr(encoder, "return_skips", False):
+        self.is_primus = is_primus_network(encoder)
+        if self.is_primus:
+            freeze_parts_without_gradient(encoder)
+            width = pooled_feature_width(encoder)
+        elif getattr(encoder, "return_skips", False):
+            width = sum(encoder.output_channels)
+        else:
             raise ValueError("VoCo pools every encoder stage: the encoder must return all stage outputs "
                              "(dna's return_skips=True, as in a UNet's encoder).")
         self.encoder = encoder
-        self.projector = VoCoProjector(sum(encoder.output_channels), projector_dim)
+        self.projector = VoCoProjector(width, projector_dim)
+        self.teacher_momentum = teacher_momentum
+        if teacher_momentum is not None:
+            if not 0 <= teacher_momentum < 1:
+                raise ValueError(f"The teacher momentum must lie in [0, 1), not {teacher_momentum}.")
+            self.teacher = nn.ModuleDict({"encoder": copy.deepcopy(encoder), "projector": copy.deepcopy(self.projector)})
+            self.teacher.requires_grad_(False)
 
-    def pooled_features(self, crops: torch.Tensor) -> torch.Tensor:
-        """(N, sum of stage channels): the global average of every stage output (1120-d for ResEnc-L)."""
-        return torch.cat([stage.flatten(2).mean(dim=2) for stage in self.encoder(crops)], dim=1)
+    def pooled_features(self, crops: torch.Tensor, encoder: Optional[nn.Module] = None) -> torch.Tensor:
+        """(N, width): 1120-d for ResEnc-L (pooled stages), the embedding width for a Primus (pooled tokens)."""
+        encoder = self.encoder if encoder is None else encoder
+        return pooled_features(encoder, crops) if self.is_primus else pooled_stages(encoder, crops)
 
     def forward(self, crops: torch.Tensor) -> torch.Tensor:
         return self.projector(self.pooled_features(crops))
+
+    @torch.no_grad()
+    def teacher_embeddings(self, crops: torch.Tensor) -> torch.Tensor:
+        return self.teacher["projector"](self.pooled_features(crops, self.teacher["encoder"]))
+
+    @torch.no_grad()
+    def update_teacher(self) -> None:
+        student = [*self.encoder.parameters(), *self.projector.parameters()]
+        teacher = [*self.teacher["encoder"].parameters(), *self.teacher["projector"].parameters()]
+        torch._foreach_lerp_(teacher, student, 1.0 - self.teacher_momentum)
+
+    def train(self, mode: bool = True) -> "VoCoModel":
+        super().train(mode)
+        if self.teacher_momentum is not None:
+            self.teacher.eval()
+        return self
+
+    def transferable_state_dict(self) -> Dict[str, torch.Tensor]:
+        """Stem and encoder under plain dna keys (U-Net: ``encoder.*``; Primus: ``down_projection.*``, ``eva.*``)."""
+        return encoder_state_dict(self.encoder) if self.is_primus else encoder_only_state_dict(self)
 
 
 # ---------------------------------------------------------------------------------------------------------- losses

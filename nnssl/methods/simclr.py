@@ -1,0 +1,106 @@
+"""SimCLR on a plans' network (dna U-Net or Primus): two overlapping views per patch, embedded and contrasted.
+
+Each sample is a SimCLR patch from which two equal crops (the *views*) are cut at random positions that overlap by at
+least ``min_overlap`` of the crop on every axis (so by at least ``min_overlap``^3 of the volume); each view is
+augmented on its own. Every view is embedded (``pooled_features`` of the network -> projector) and NT-Xent pulls the
+two views of one sample together against all other views of the (global) batch (``nnssl.methods.contrastive``).
+Only the stem and encoder are transferred; the projector is discarded.
+
+Cutting and augmentation run in nnU-Net's data pipeline (batchgeneratorsv2 transforms, VoCo's crop cutting and
+per-crop augmentation): the batch arrives as ``data`` (B, 2, C, *crop).
+
+The reference (nnssl's SimCLRTrainer) cuts two such *pairs* per image by default, so pairs of one image are each
+other's negatives; here every sample gives one pair and the batch supplies the negatives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Tuple
+
+import numpy as np
+import torch
+from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
+from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
+from torch import nn
+
+from nnssl.methods.encoder_features import freeze_parts_without_gradient, pooled_feature_width, pooled_features
+from nnssl.methods.voco import PerCropTransform, VoCoProjector, cut_crops, voco_crop_augmentation
+
+NUM_VIEWS = 2
+
+
+@dataclass(frozen=True)
+class SimCLRGeometry:
+    """The patch the loader cuts, the size of the two views cut from it, and their minimum overlap per axis.
+
+    OpenMind's reference: patch (192,192,64), views 64^3, overlap >= 0.5 per axis.
+    """
+
+    patch_size: Tuple[int, int, int]
+    crop_size: Tuple[int, int, int]
+    min_overlap: float = 0.5
+
+    def __post_init__(self) -> None:
+        if len(self.patch_size) != 3 or len(self.crop_size) != 3:
+            raise ValueError(f"SimCLR needs a 3D patch and 3D views, got {self.patch_size} and {self.crop_size}.")
+        if any(c < 1 or c > p for p, c in zip(self.patch_size, self.crop_size)):
+            raise ValueError(f"The SimCLR views {self.crop_size} must fit into the patch {self.patch_size}.")
+        if not 0 <= self.min_overlap <= 1:
+            raise ValueError(f"The minimum view overlap is a fraction in [0, 1], not {self.min_overlap}.")
+
+    @property
+    def max_shift(self) -> Tuple[int, ...]:
+        """The largest offset between the two views per axis that keeps ``min_overlap`` of the crop."""
+        return tuple(int(np.floor(c * (1 - self.min_overlap))) for c in self.crop_size)
+
+    def random_view_starts(self) -> np.ndarray:
+        """(2, 3) corners: the first view uniform in the patch, the second within ``max_shift`` of it (and inside)."""
+        first = np.array([np.random.randint(0, p - c + 1) for p, c in zip(self.patch_size, self.crop_size)])
+        low = np.maximum(first - self.max_shift, 0)
+        high = np.minimum(first + self.max_shift, np.subtract(self.patch_size, self.crop_size))
+        second = np.array([np.random.randint(lo, hi + 1) for lo, hi in zip(low, high)])
+        return np.stack([first, second])
+
+
+class SimCLRViewTransform(BasicTransform):
+    """Turns a (C, *patch) sample into its two views, ``image`` (2, C, *crop)."""
+
+    def __init__(self, geometry: SimCLRGeometry) -> None:
+        super().__init__()
+        self.geometry = geometry
+
+    def get_parameters(self, **data_dict) -> dict:
+        return {"starts": self.geometry.random_view_starts()}
+
+    def apply(self, data_dict: dict, **params) -> dict:
+        image = data_dict["image"]
+        if tuple(image.shape[1:]) != tuple(self.geometry.patch_size):
+            raise ValueError(f"SimCLR expects patches of {self.geometry.patch_size}, got {tuple(image.shape[1:])}.")
+        data_dict["image"] = cut_crops(image, params["starts"], self.geometry.crop_size)
+        return data_dict
+
+
+def simclr_transforms(geometry: SimCLRGeometry, augment: bool) -> BasicTransform:
+    """The two views (each augmented on its own for training, as the reference: VoCo's per-crop augmentation)."""
+    transforms = [SimCLRViewTransform(geometry)]
+    if augment:
+        transforms.append(PerCropTransform(voco_crop_augmentation(geometry.crop_size)))
+    return ComposeTransforms(transforms)
+
+
+class SimCLRModel(nn.Module):
+    """The plans' network (held whole, so checkpoints keep its keys) whose pooled encoder output feeds a projector.
+
+    The projector is VoCo's 2048-wide head, as the reference's SimCLR reuses its VoCo architecture for both families.
+    The parts an embedding never runs through (a U-Net's decoder, a Primus's patch decoder) are frozen.
+    """
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        freeze_parts_without_gradient(network)
+        self.network = network
+        self.projector = VoCoProjector(pooled_feature_width(network))
+
+    def forward(self, views: torch.Tensor) -> torch.Tensor:
+        return self.projector(pooled_features(self.network, views))
