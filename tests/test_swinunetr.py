@@ -1,7 +1,6 @@
 """SwinUNETR-style pretraining: views (rotation labels, cut-out masks), loss parts, heads, transfer keys for both
 families, the batch-size refusal through nnUNetv2_train, and end-to-end runs of both trainers (CPU)."""
 
-import json
 import math
 
 import numpy as np
@@ -10,9 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from bad_input_helpers import assert_one_line_error
-from conftest import TINY_DATASET, TINY_DATASET_ID, run_command, tiny_network
-from method_pairs import FAMILY_PLANS, check_pretraining_pair
+from conftest import TINY_DATASET, tiny_network
+from method_pairs import FAMILY_PLANS, build_trainer, check_pretraining_pair, train_with_a_batch_of_one
 from nnssl.citations import apa_lines
+from nnssl.errors import UserError
 from nnssl.methods.contrastive import DEFAULT_TEMPERATURE
 from nnssl.methods.encoder_features import encoder_state_dict
 from nnssl.methods.swinunetr import (CutoutConfig, SwinUNETRGeometry, SwinUNETRModel, SwinUNETROutput,
@@ -193,16 +193,25 @@ def test_views_are_the_plans_patch_made_square_or_32_cubed_on_tiny_plans():
 
 # ------------------------------------------------------------------------------------------------ stock command
 def test_a_global_batch_of_one_is_refused_with_the_plans_batch_size(tiny_pretraining_dataset):
-    folder = tiny_pretraining_dataset["nnUNet_preprocessed"] / TINY_DATASET
-    plans = json.loads((folder / "nnsslPlansTiny.json").read_text())
-    plans["plans_name"] = "nnsslPlansTinyBatch1"
-    plans["configurations"]["3d_fullres"]["batch_size"] = 1
-    (folder / "nnsslPlansTinyBatch1.json").write_text(json.dumps(plans))
-    result = run_command(["nnUNetv2_train", TINY_DATASET_ID, "3d_fullres", "all", "-tr", "SwinUNETRPretrainTrainer",
-                          "-p", "nnsslPlansTinyBatch1", "-device", "cpu"], check=False)
+    result = train_with_a_batch_of_one(tiny_pretraining_dataset, "SwinUNETRPretrainTrainer")
     assert_one_line_error(result, "SwinUNETRPretrainTrainer needs at least 2 samples in the global batch",
                           "nnsslPlansTinyBatch1 have batch_size 1", "Set \"batch_size\" to 2 or more")
 
+
+
+def test_each_trainer_refuses_the_other_familys_plans_and_builds_on_its_own(tiny_pretraining_dataset):
+    from nnssl.trainers.swinunetr import PrimusSwinUNETRPretrainTrainer, SwinUNETRPretrainTrainer
+
+    with pytest.raises(UserError, match="PrimusSwinUNETRPretrainTrainer pretrains a Primus, but the plans "
+                                        "nnsslPlansTiny build .*ResidualEncoderUNet.* or use SwinUNETRPretrainTrainer"):
+        build_trainer(tiny_pretraining_dataset, PrimusSwinUNETRPretrainTrainer, "nnsslPlansTiny")
+    with pytest.raises(UserError, match="SwinUNETRPretrainTrainer pretrains a ResEnc U-Net, but the plans "
+                                        "nnsslPlansPrimusTiny build .*Primus: use PrimusSwinUNETRPretrainTrainer"):
+        build_trainer(tiny_pretraining_dataset, SwinUNETRPretrainTrainer, "nnsslPlansPrimusTiny")
+    trainer = build_trainer(tiny_pretraining_dataset, PrimusSwinUNETRPretrainTrainer, "nnsslPlansPrimusTiny")
+    assert trainer.recipe.optimizer == "adamw" and trainer.view_size == (32, 32, 32)
+    assert build_trainer(tiny_pretraining_dataset, SwinUNETRPretrainTrainer, "nnsslPlansTiny").recipe.optimizer == \
+        "sgd"
 
 # ---------------------------------------------------------------------------------------------------- end to end
 PART_PREFIXES = ("rotation_head.", "contrast_head.")

@@ -29,8 +29,6 @@ from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
 from torch import nn
 
 from nnssl import citations
-from nnssl.architectures import is_primus
-from nnssl.errors import UserError
 from nnssl.integration.distributed import gather_from_all_ranks
 from nnssl.methods.contrastive import DEFAULT_TEMPERATURE
 from nnssl.methods.encoder_features import encoder_state_dict
@@ -39,7 +37,7 @@ from nnssl.methods.swinunetr import (CutoutConfig, SwinUNETRGeometry, SwinUNETRL
                                      SwinUNETRViewTransform, split_views, swinunetr_loss_parts, unpack_view_targets,
                                      weighted_loss)
 from nnssl.trainers.crop_pretext import TINY_PLANS_PATCH_EDGE, CropPretextTrainer
-from nnssl.trainers.primus import require_primus_plans
+from nnssl.trainers.primus import require_primus_plans, require_unet_plans
 from nnssl.trainers.simclr import check_contrastive_batch_size
 from nnssl.trainers.variants import define_epoch_variants
 
@@ -69,11 +67,8 @@ class SwinUNETRPretrainTrainer(CropPretextTrainer):
         return SwinUNETRGeometry.square(plans_patch_size)
 
     def check_plans(self) -> None:
-        name = self.configuration_manager.network_arch_class_name
-        if is_primus(name):
-            raise UserError(f"{self.__class__.__name__} pretrains a ResEnc U-Net, but the plans "
-                            f"{self.plans_manager.plans_name} build {name}: use PrimusSwinUNETRPretrainTrainer for "
-                            f"Primus plans.")
+        require_unet_plans(self.__class__.__name__, self.configuration_manager, self.plans_manager.plans_name,
+                           "PrimusSwinUNETRPretrainTrainer")
 
     def initialize(self):
         first_call = not self.was_initialized
