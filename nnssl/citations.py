@@ -107,6 +107,13 @@ VOLUME_FUSION = Citation(
     "@article{wang2023misfm, title={MIS-FM: 3D Medical Image Segmentation using Foundation Models Pretrained on a "
     "Large-Scale Unannotated Dataset}, author={Wang, Guotai and Wu, Jianghao and Luo, Xiangde and Liu, Xinglong and "
     "Li, Kang and Zhang, Shaoting}, journal={arXiv preprint arXiv:2306.16925}, year={2023}}")
+SWINUNETR = Citation(
+    "pretraining method", "SwinUNETR pretraining",
+    "Tang Y, Yang D, Li W, Roth HR, Landman B, Xu D, Nath V, Hatamizadeh A. Self-Supervised Pre-Training of Swin "
+    "Transformers for 3D Medical Image Analysis. CVPR 2022.",
+    "@inproceedings{tang2022self, title={Self-Supervised Pre-Training of Swin Transformers for 3D Medical Image "
+    "Analysis}, author={Tang, Yucheng and Yang, Dong and Li, Wenqi and Roth, Holger R and Landman, Bennett and Xu, "
+    "Daguang and Nath, Vishwesh and Hatamizadeh, Ali}, booktitle={CVPR}, pages={20730--20740}, year={2022}}")
 
 PRETRAINING_BASE = (NNUNET, RESENC, OPENMIND)
 

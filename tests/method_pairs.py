@@ -8,7 +8,9 @@
 It returns the 2-rank run's final checkpoint for the method's own assertions.
 """
 
+import json
 import re
+import subprocess
 from pathlib import Path
 from typing import Dict
 
@@ -59,3 +61,24 @@ def check_pretraining_pair(dirs: Dict[str, Path], trainer: str, family: str, tmp
     assert loaded and int(loaded.group(1)) > 0, log[-3000:]
     assert (model / "checkpoint_final.pth").is_file()
     return checkpoint
+
+
+def train_with_a_batch_of_one(dirs: Dict[str, Path], trainer: str) -> subprocess.CompletedProcess:
+    """``nnUNetv2_train`` of ``trainer`` on a copy of the tiny plans with batch_size 1 (plans
+    ``nnsslPlansTinyBatch1``), not checked: for the refusal of a global batch without negatives."""
+    folder = dirs["nnUNet_preprocessed"] / TINY_DATASET
+    plans = json.loads((folder / "nnsslPlansTiny.json").read_text())
+    plans["plans_name"] = "nnsslPlansTinyBatch1"
+    plans["configurations"]["3d_fullres"]["batch_size"] = 1
+    (folder / "nnsslPlansTinyBatch1.json").write_text(json.dumps(plans))
+    return run_command(["nnUNetv2_train", TINY_DATASET_ID, "3d_fullres", "all", "-tr", trainer, "-p",
+                        "nnsslPlansTinyBatch1", "-device", "cpu"], extra_env=SMOKE_PRETRAINING, check=False)
+
+
+def build_trainer(dirs: Dict[str, Path], trainer: type, plans: str):
+    """``trainer`` built on the shared tiny dataset's ``plans`` on the CPU, as nnU-Net's run_training builds it."""
+    folder = dirs["nnUNet_preprocessed"] / TINY_DATASET
+    # nnU-Net's run_training adds "continue_training" to the plans before building the trainer
+    plans_dict = {**json.loads((folder / f"{plans}.json").read_text()), "continue_training": False}
+    return trainer(plans_dict, "3d_fullres", "all", json.loads((folder / "dataset.json").read_text()),
+                   device=torch.device("cpu"))

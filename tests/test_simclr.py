@@ -1,14 +1,12 @@
 """SimCLR: the two overlapping views, the embedding for both families, the stem+encoder export, the batch-size check,
 the refusal of the other family's plans, and both trainers through every entry point (``check_pretraining_pair``)."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
 
-from conftest import SMOKE_PRETRAINING, TINY_DATASET, TINY_DATASET_ID, run_command, tiny_network
-from method_pairs import check_pretraining_pair
+from conftest import tiny_network
+from method_pairs import build_trainer, check_pretraining_pair, train_with_a_batch_of_one
 from test_primus_e2e import fresh_tiny_primus
 from nnssl.architectures import network_from_plans, transferable_prefixes
 from nnssl.citations import apa_lines
@@ -144,13 +142,7 @@ def test_simclr_pair_through_every_entry_point(tiny_pretraining_dataset, tmp_pat
 
 
 def test_batch_of_one_is_refused_by_nnunetv2_train(tiny_pretraining_dataset):
-    folder = tiny_pretraining_dataset["nnUNet_preprocessed"] / TINY_DATASET
-    plans = json.loads((folder / "nnsslPlansTiny.json").read_text())
-    plans["plans_name"] = "nnsslPlansTinyBatch1"
-    plans["configurations"]["3d_fullres"]["batch_size"] = 1
-    (folder / "nnsslPlansTinyBatch1.json").write_text(json.dumps(plans))
-    result = run_command(["nnUNetv2_train", TINY_DATASET_ID, "3d_fullres", "all", "-tr", "SimCLRPretrainTrainer",
-                          "-p", "nnsslPlansTinyBatch1", "-device", "cpu"], extra_env=SMOKE_PRETRAINING, check=False)
+    result = train_with_a_batch_of_one(tiny_pretraining_dataset, "SimCLRPretrainTrainer")
     assert result.returncode != 0
     assert ("SimCLRPretrainTrainer needs at least 2 samples in the global batch (NT-Xent contrasts each sample with "
             "the others), but the plans nnsslPlansTinyBatch1 have batch_size 1 in configuration 3d_fullres") in \
@@ -166,10 +158,6 @@ def test_batch_of_one_is_refused_by_nnunetv2_train(tiny_pretraining_dataset):
      "nnsslPlansPrimusTiny build dynamic_network_architectures.architectures.primus.Primus: use "
      "PrimusSimCLRPretrainTrainer")])
 def test_each_trainer_refuses_the_other_familys_plans(tiny_pretraining_dataset, trainer, plans, message):
-    folder = tiny_pretraining_dataset["nnUNet_preprocessed"] / TINY_DATASET
-    # nnU-Net's run_training adds "continue_training" to the plans before building the trainer
-    plans_dict = {**json.loads((folder / f"{plans}.json").read_text()), "continue_training": False}
     with pytest.raises(UserError) as error:
-        trainer(plans_dict, "3d_fullres", "all", json.loads((folder / "dataset.json").read_text()),
-                device=torch.device("cpu"))
+        build_trainer(tiny_pretraining_dataset, trainer, plans)
     assert message in str(error.value)

@@ -32,6 +32,15 @@ def require_primus_plans(trainer_name: str, configuration_manager: Configuration
                         f"-p nnsslPlansPrimus, or use {resenc_trainer} for ResEnc plans.")
 
 
+
+def require_unet_plans(trainer_name: str, configuration_manager: ConfigurationManager, plans_name: str,
+                       primus_trainer: str) -> None:
+    """A U-Net trainer refuses Primus plans; ``primus_trainer`` is the method's trainer for them."""
+    name = configuration_manager.network_arch_class_name
+    if is_primus(name):
+        raise UserError(f"{trainer_name} pretrains a ResEnc U-Net, but the plans {plans_name} build {name}: use "
+                        f"{primus_trainer} for Primus plans.")
+
 def check_mask_blocks(trainer_name: str, configuration_manager: ConfigurationManager, masking: MaskingConfig) -> None:
     """Mask blocks made of whole tokens (else masked voxels leak into visible tokens, or nothing is dropped)."""
     embedding = configuration_manager.network_arch_init_kwargs["patch_embed_size"]

@@ -20,14 +20,13 @@ from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
 from torch import nn
 
 from nnssl import citations
-from nnssl.architectures import is_primus
 from nnssl.errors import UserError
 from nnssl.methods.contrastive import DEFAULT_TEMPERATURE, nt_xent_loss
 from nnssl.methods.encoder_features import encoder_state_dict
 from nnssl.methods.recipe import PRETRAIN_RECIPE, PRIMUS_MAE_RECIPE
 from nnssl.methods.simclr import NUM_VIEWS, SimCLRGeometry, SimCLRModel, simclr_transforms
 from nnssl.trainers.crop_pretext import CropPretextTrainer
-from nnssl.trainers.primus import require_primus_plans
+from nnssl.trainers.primus import require_primus_plans, require_unet_plans
 from nnssl.trainers.variants import define_epoch_variants
 
 
@@ -56,11 +55,8 @@ class SimCLRPretrainTrainer(CropPretextTrainer):
                                      self.plans_manager.plans_name, configuration)
 
     def check_plans(self) -> None:
-        name = self.configuration_manager.network_arch_class_name
-        if is_primus(name):
-            raise UserError(f"{self.__class__.__name__} pretrains a ResEnc U-Net, but the plans "
-                            f"{self.plans_manager.plans_name} build {name}: use PrimusSimCLRPretrainTrainer for "
-                            f"Primus plans.")
+        require_unet_plans(self.__class__.__name__, self.configuration_manager, self.plans_manager.plans_name,
+                           "PrimusSimCLRPretrainTrainer")
 
     def wrap_network(self, network: nn.Module) -> nn.Module:
         return SimCLRModel(network)
