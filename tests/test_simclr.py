@@ -89,9 +89,9 @@ def test_embedding_widths_gradients_and_export_that_loads_strictly(family):
     build, crop, width = {"resenc": (tiny_network, 32, 8 + 16 + 32 + 64 + 64), "primus": (fresh_tiny_primus, 64, 96)}[
         family]
     model = SimCLRModel(build())
-    assert model.projector[0].in_features == width and model.projector[-1].out_features == 2048
+    assert model.projector[0].in_features == width and model.projector[-1].out_features == 128
     embeddings = model(torch.randn(6, 1, crop, crop, crop)).view(3, 2, -1)
-    assert embeddings.shape == (3, 2, 2048)
+    assert embeddings.shape == (3, 2, 128)
     nt_xent_loss(embeddings[:, 0], embeddings[:, 1]).backward()
     # every trainable parameter gets a gradient (DDP without find_unused_parameters), the encoder among them
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
