@@ -101,7 +101,10 @@ class SimCLRProjector(nn.Sequential):
     """
 
     def __init__(self, in_features: int) -> None:
-        super().__init__(nn.Linear(in_features, PROJECTOR_HIDDEN), nn.BatchNorm1d(PROJECTOR_HIDDEN),
+        # batch statistics in validation too: the head is discarded after pretraining, and running statistics lag the
+        # quickly moving features of a short run (measured: validation loss 0.06 -> 2.2 while the training loss fell)
+        super().__init__(nn.Linear(in_features, PROJECTOR_HIDDEN),
+                         nn.BatchNorm1d(PROJECTOR_HIDDEN, track_running_stats=False),
                          nn.ReLU(inplace=True), nn.Linear(PROJECTOR_HIDDEN, PROJECTOR_OUTPUT))
 
 
