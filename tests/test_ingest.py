@@ -138,7 +138,7 @@ def test_each_rejection_reason_is_recorded_and_good_files_still_ingested(nnunet_
     assert {os.path.basename(p) for p in report.rejected} == set(expected)
     assert sorted(os.path.basename(e["image"]) for e in summary["accepted"].values()) == \
         ["good_a.nii.gz", "good_b.mha", "good_masked.nrrd"]
-    assert summary["last_run"] == {"written": 3, "skipped": 0, "rejected": len(expected)}
+    assert summary["last_run"] == {"written": 3, "skipped": 0, "rejected": len(expected), "excluded": 0}
     assert load_json(folder / "dataset.json")["numTraining"] == 3 == report.num_cases
     assert sorted(os.listdir(folder / "imagesTr")) == sorted(f"{case_of(report, p)}_0000.nii.gz" for p in good)
     assert not [name for name in os.listdir(folder) if name.startswith(".")]  # no temp folder left
@@ -215,7 +215,7 @@ def test_dataset_json_without_masks(nnunet_dirs, tmp_path):
     write_image(tmp_path / "in" / "a.nii.gz", textured())
     write_image(tmp_path / "in" / "b.nii.gz", textured(seed=2))
 
-    run_ingest([tmp_path / "in"], dataset_id=7, dataset_name="Brains", modality="T1")
+    run_ingest([tmp_path / "in"], dataset_id=7, dataset_name="Brains", channel_name="T1")
 
     dataset_json = load_json(dataset_folder(nnunet_dirs, 7, "Brains") / "dataset.json")
     assert dataset_json["channel_names"] == {"0": "T1"}
@@ -241,7 +241,7 @@ def test_rerun_skips_unchanged_cases_adds_new_files_and_redoes_changed_ones(nnun
     report = run_ingest([inputs])
     assert (report.written, len(report.skipped), report.rejected) == ([], 2, {})
     assert {p: p.stat().st_mtime_ns for p in folder.rglob("*.nii.gz")} == outputs
-    assert load_json(folder / SUMMARY_FILE)["last_run"] == {"written": 0, "skipped": 2, "rejected": 0}
+    assert load_json(folder / SUMMARY_FILE)["last_run"] == {"written": 0, "skipped": 2, "rejected": 0, "excluded": 0}
 
     third = write_image(inputs / "later" / "third.mha", textured(seed=3))
     (folder / ".nnssl_ingest_tmp_killed").mkdir()  # as a killed run would leave it
@@ -336,7 +336,7 @@ def test_help_documents_every_flag(capsys):
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     for flag in ("-i DIR", "-l LIST_FILE", "--anatomy_masks DIR", "--anonymization_masks DIR", "-d ID", "-n NAME",
-                 "-np N", "--modality", "--min_extent_mm", "-v", "relative path", "file stem", "2 = anonymised"):
+                 "-np N", "--channel_name", "--modality", "--metadata TABLE", "--min_extent_mm", "-v", "relative path", "file stem", "2 = anonymised"):
         assert flag in text, flag
 
 

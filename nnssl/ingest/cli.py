@@ -6,6 +6,8 @@ from functools import partial
 from typing import List, Optional
 
 from nnssl.ingest.discover import IMAGE_EXTENSIONS
+from nnssl.ingest.metadata import MATCH_MODES, MetadataOptions
+from nnssl.ingest.metadata_table import FIELDS, OPENMIND_COLUMNS, column_option
 from nnssl.ingest.run import default_num_processes, ingest
 from nnssl.integration.user_errors import run_user_command
 
@@ -31,6 +33,20 @@ list file (-l): one image path per line, or a TSV/CSV whose header has an 'image
   'anatomy_mask' and 'anonymization_mask' (other columns are ignored). Relative paths are relative to the list
   file. Blank lines and lines starting with # are ignored.
 
+metadata table (--metadata TABLE, CSV or TSV; .tsv/.csv by extension, else a tab in the header means TSV):
+  one row per image; the column options name its columns. The defaults read OpenMind's openneuro_metadata.csv:
+  image_path, modality, image_quality_score; without a subject/session column both come from the image path
+  (subject: the path up to its sub-* folder, e.g. ds000001/sub-01; session: the ses-* folder below it).
+  Rows are matched to images by --metadata_match:
+    path (default): the row's path relative to an input folder (-i DIR: DIR/<row> is the image), or absolute
+    name: the row's file name against the image's file name, anywhere
+  A row matching several images, or several rows matching one image, is ambiguous and excludes the image. With
+  --metadata, images without a row are excluded and rows without an image are listed; neither stops the run.
+  Subject, session, modality and quality of every case go to nnssl_case_metadata.json in the dataset.
+  The exclude list (--exclude_list FILE: one entry per line, # comments) is matched the same way.
+  Every excluded image is listed with its reason in nnssl_ingest_summary.json under 'excluded'.
+  OpenMind's image_quality_score is lower = better: keep good images with --max_quality (its trainers use 1.5-3.5).
+
 next step: nnUNetv2_plan_and_preprocess -d ID -pl nnsslPlanner -c 3d_fullres -fpe nnsslFingerprintExtractor
   (-fpe: the header-only fingerprint, which reads the voxels of 16 sampled cases only)"""
 
@@ -53,8 +69,26 @@ def build_parser() -> argparse.ArgumentParser:
                         help="dataset name: the output is $nnUNet_raw/Dataset<ID:03d>_<NAME>")
     parser.add_argument("-np", dest="num_processes", type=int, default=default_num_processes(), metavar="N",
                         help="number of worker processes (default: min(8, CPU count) = %(default)s)")
-    parser.add_argument("--modality", default="MRI", metavar="NAME",
-                        help="channel name written to dataset.json (default: %(default)s)")
+    parser.add_argument("--channel_name", default="MRI", metavar="NAME",
+                        help="channel name written to dataset.json (default: %(default)s; was --modality NAME "
+                             "before --modality became a filter)")
+    parser.add_argument("--metadata", metavar="TABLE",
+                        help="CSV/TSV table with subject, session, modality and quality score per image (see below)")
+    for field_name in FIELDS:
+        default = OPENMIND_COLUMNS[field_name]
+        parser.add_argument(column_option(field_name), metavar="COLUMN",
+                            help=f"column of the {field_name} in --metadata (default: "
+                                 + (f"{default})" if default else "from the image path, see below)"))
+    parser.add_argument("--metadata_match", choices=MATCH_MODES, default="path",
+                        help="how table rows and exclude-list entries find their image (default: %(default)s)")
+    parser.add_argument("--modality", nargs="+", metavar="MODALITY",
+                        help="keep only images whose --metadata modality is one of these (e.g. T1w T2w FLAIR)")
+    parser.add_argument("--min_quality", type=float, metavar="X",
+                        help="keep only images whose --metadata quality score is at least X")
+    parser.add_argument("--max_quality", type=float, metavar="X",
+                        help="keep only images whose --metadata quality score is at most X (OpenMind: lower = better)")
+    parser.add_argument("--exclude_list", metavar="FILE",
+                        help="text file of images to leave out, one per line (matched like table rows)")
     parser.add_argument("--min_extent_mm", type=float, default=16.0, metavar="MM",
                         help="reject images whose field of view (voxels x spacing) is below this along any axis "
                              "(default: %(default)s)")
@@ -76,18 +110,37 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error("give input folders with -i and/or a list file with -l")
     if args.num_processes < 1:
         parser.error("-np must be at least 1")
+    if args.metadata is None:
+        if args.modality:
+            parser.error(f"--modality {' '.join(args.modality)} keeps only images of these modalities and needs "
+                         f"--metadata TABLE; the channel name in dataset.json is now set with --channel_name NAME")
+        needing = [option for option in ["--min_quality", "--max_quality"] + [column_option(f) for f in FIELDS]
+                   if getattr(args, option[2:]) is not None]
+        if needing:
+            parser.error(f"{', '.join(needing)} need(s) --metadata TABLE")
     return run_user_command("nnssl_ingest", partial(run, args))
 
 
 def run(args: argparse.Namespace) -> int:
     report = ingest(args.dataset_id, args.dataset_name, args.input_dirs, args.list_file, args.anatomy_masks,
-                    args.anonymization_masks, args.num_processes, args.modality, args.min_extent_mm, args.verbose,
-                    fix_bad_spacing=args.fix_bad_spacing)
+                    args.anonymization_masks, args.num_processes, args.channel_name, args.min_extent_mm, args.verbose,
+                    fix_bad_spacing=args.fix_bad_spacing, metadata=metadata_options(args))
     print(report.describe())
     if report.num_cases == 0:
         print("nnssl_ingest: error: the dataset has no usable cases; see the reasons above.", file=sys.stderr)
         return 1
     return 0
+
+
+
+def metadata_options(args: argparse.Namespace) -> Optional[MetadataOptions]:
+    """The selection the command asks for; None when it asks for none (every image is ingested)."""
+    if args.metadata is None and args.exclude_list is None:
+        return None
+    named = {f: getattr(args, column_option(f)[2:]) for f in FIELDS}
+    columns = {f: named[f] if named[f] is not None else OPENMIND_COLUMNS[f] for f in FIELDS}
+    return MetadataOptions(args.metadata, columns, [f for f in FIELDS if named[f] is not None], args.metadata_match,
+                           args.modality or (), args.min_quality, args.max_quality, args.exclude_list)
 
 
 if __name__ == "__main__":

@@ -49,10 +49,12 @@ class Source:
 
 @dataclass
 class Discovery:
-    """Everything found: images to ingest and images rejected already while pairing masks (path -> reason)."""
+    """Everything found: images to ingest, images rejected already while pairing masks (path -> reason), and the
+    input folders searched (resolved), which relative paths in a metadata table refer to."""
 
     sources: List[Source] = field(default_factory=list)
     rejected: Dict[str, str] = field(default_factory=dict)
+    roots: List[str] = field(default_factory=list)
 
 
 def split_image_name(name: str) -> Optional[Tuple[str, str]]:
@@ -191,7 +193,7 @@ def discover(input_dirs: Sequence[PathLike] = (), list_file: Optional[PathLike] 
         for image, relative_stem in find_images(root, skipped_folders):
             candidates.append((image, relative_stem, {}))
 
-    discovery = Discovery()
+    discovery = Discovery(roots=roots)
     seen = set()
     for found_as, relative_stem, explicit in candidates:
         image = _resolved(found_as)

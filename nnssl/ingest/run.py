@@ -15,9 +15,10 @@ from nnssl import processes
 from nnssl.ingest.datasets import resolve_dataset_folder
 from nnssl.ingest.discover import IMAGE_EXTENSIONS, PathLike, discover
 from nnssl.ingest.errors import IngestError
+from nnssl.ingest.metadata import MetadataOptions, Selection, select
 from nnssl.ingest.staging import DatasetStaging
-from nnssl.ingest.summary import (SUMMARY_FILE, is_unchanged, load_summary, manifest_entry, write_dataset_json,
-                                  write_summary)
+from nnssl.ingest.summary import (SUMMARY_FILE, is_unchanged, load_case_metadata, load_summary, manifest_entry,
+                                  write_case_metadata, write_dataset_json, write_summary)
 from nnssl.ingest.write_case import CaseResult, CaseTask, image_path, process_case
 
 MAX_DEFAULT_PROCESSES = 8
@@ -32,8 +33,9 @@ def default_num_processes() -> int:
 
 @dataclass
 class IngestReport:
-    """What one ingest run did. ``rejected`` covers this run's inputs only (source path -> reason), ``corrected``
-    this run's corrections (case -> what was changed). ``summary_file`` is None when no dataset was written."""
+    """What one ingest run did. ``rejected`` and ``excluded`` cover this run's inputs only (source path -> reason),
+    ``corrected`` this run's corrections (case -> what was changed). ``summary_file`` is None when no dataset was
+    written."""
 
     dataset_folder: Path
     summary_file: Optional[Path]
@@ -42,6 +44,7 @@ class IngestReport:
     skipped: List[str] = field(default_factory=list)
     rejected: Dict[str, str] = field(default_factory=dict)
     corrected: Dict[str, str] = field(default_factory=dict)
+    excluded: Dict[str, str] = field(default_factory=dict)
 
     def describe(self, max_listed: int = 10) -> str:
         """The short end-of-run summary printed by ``nnssl_ingest``; every rejection when no dataset was written
@@ -55,6 +58,11 @@ class IngestReport:
             lines.append(f"  rejected {path}: {reason}")
         if len(self.rejected) > max_listed:
             lines.append(f"  ... and {len(self.rejected) - max_listed} more")
+        if self.excluded:
+            lines.append(f"  {len(self.excluded)} excluded by --metadata, its filters or --exclude_list"
+                         + (" (reasons in the summary)" if self.summary_file is not None else ":"))
+        if self.summary_file is None:
+            lines.extend(f"  excluded {path}: {reason}" for path, reason in self.excluded.items())
         for case_id, note in self.corrected.items():
             lines.append(f"  corrected {case_id}: {note}")
         if self.summary_file is not None:
@@ -95,15 +103,18 @@ def cases_from(accepted: Dict[str, dict], image: str) -> List[str]:
 def ingest(dataset_id: int, dataset_name: str, input_dirs: Sequence[PathLike] = (),
            list_file: Optional[PathLike] = None, anatomy_masks: Optional[PathLike] = None,
            anonymization_masks: Optional[PathLike] = None, num_processes: Optional[int] = None,
-           modality: str = "MRI", min_extent_mm: float = 16.0, verbose: bool = False,
-           progress: bool = True, fix_bad_spacing: bool = False) -> IngestReport:
+           channel_name: str = "MRI", min_extent_mm: float = 16.0, verbose: bool = False,
+           progress: bool = True, fix_bad_spacing: bool = False,
+           metadata: Optional[MetadataOptions] = None) -> IngestReport:
     """Ingest every image of ``input_dirs`` / ``list_file`` into the nnU-Net raw dataset ``dataset_id``.
 
     Invalid images are rejected with a reason (never aborting the batch); cases already written from unchanged
     sources are skipped. Cases join the dataset together with dataset.json and ``nnssl_ingest_summary.json``
     (``staging``): every ``PUBLISH_EVERY`` cases and at the end, also when the run is interrupted, so a re-run
     resumes; a killed run leaves the last consistent state and no dataset folder without cases. Source files are
-    only ever read. Raises ``IngestError`` for problems with the command itself (environment, dataset ID, missing
+    only ever read. ``metadata`` selects images and attaches subject, session, modality and quality score to each
+    case (``nnssl.ingest.metadata``); excluded images are recorded with their reason and never written. Raises
+    ``IngestError`` for problems with the command itself (environment, dataset ID, missing
     inputs, folders it cannot write). Run one ingest per dataset at a time: a run removes the staging folders that
     an earlier, killed run left behind.
     """
@@ -114,10 +125,13 @@ def ingest(dataset_id: int, dataset_name: str, input_dirs: Sequence[PathLike] = 
     if not found.sources and not found.rejected:
         searched = [str(p) for p in input_dirs] + ([str(list_file)] if list_file is not None else [])
         raise IngestError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) found in {', '.join(searched)}.")
+    selection = select(found.sources, found.roots, metadata) if metadata is not None else Selection()
     previous = load_summary(str(dataset_folder))
     accepted: Dict[str, dict] = previous["accepted"]
     rejected: Dict[str, str] = previous["rejected"]
+    excluded: Dict[str, str] = previous["excluded"]
     corrected: Dict[str, str] = previous["corrected"]
+    case_metadata = load_case_metadata(str(dataset_folder))
     report = IngestReport(dataset_folder, None, 0)
     staging = DatasetStaging(dataset_folder)
 
@@ -125,20 +139,31 @@ def ingest(dataset_id: int, dataset_name: str, input_dirs: Sequence[PathLike] = 
         staging.removed.append(case_id)
         del accepted[case_id]
         corrected.pop(case_id, None)
+        case_metadata.pop(case_id, None)
 
     def reject(image: str, reason: str) -> None:
         for case_id in cases_from(accepted, image):  # its source turned into something invalid: drop the stale case
             drop(case_id)
+        excluded.pop(image, None)
         rejected[image] = report.rejected[image] = reason
+
+    def exclude(image: str, reason: str) -> None:
+        for case_id in cases_from(accepted, image):  # a stricter selection than before: the case leaves
+            drop(case_id)
+        rejected.pop(image, None)
+        excluded[image] = report.excluded[image] = reason
 
     def write_bookkeeping(folder: str) -> None:
         present = {case_id: entry for case_id, entry in accepted.items()
                    if os.path.isfile(image_path(folder, case_id))}
-        report.num_cases = write_dataset_json(folder, dataset_folder.name, modality, present)
-        write_summary(folder, dataset_folder.name, present, rejected,
+        report.num_cases = write_dataset_json(folder, dataset_folder.name, channel_name, present)
+        write_summary(folder, dataset_folder.name, present, rejected, excluded,
                       {case_id: note for case_id, note in corrected.items() if case_id in present},
                       {"written": len(report.written), "skipped": len(report.skipped),
-                       "rejected": len(report.rejected)})
+                       "rejected": len(report.rejected), "excluded": len(report.excluded)},
+                      selection.report(metadata) if metadata is not None else None)
+        write_case_metadata(folder, {case_id: entry for case_id, entry in case_metadata.items()
+                                     if case_id in present})
         report.summary_file = dataset_folder / SUMMARY_FILE
 
     interrupted = False
@@ -147,7 +172,13 @@ def ingest(dataset_id: int, dataset_name: str, input_dirs: Sequence[PathLike] = 
             reject(image, reason)
         tasks, entries = [], {}
         for source in found.sources:
+            if source.image in selection.excluded:
+                exclude(source.image, selection.excluded[source.image])
+                continue
+            excluded.pop(source.image, None)
             case_id = source.case_id
+            if source.image in selection.metadata:  # kept until the case is written or dropped
+                case_metadata[case_id] = selection.metadata[source.image]
             for renamed in set(cases_from(accepted, source.image)) - {case_id}:  # named by an older nnssl
                 drop(renamed)
             entries[case_id] = manifest_entry(source)  # stamped before reading: a later edit is seen as a change

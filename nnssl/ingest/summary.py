@@ -1,6 +1,7 @@
-"""The dataset's bookkeeping: ``nnssl_ingest_summary.json`` (what was accepted from where, what was rejected and
-why, what was corrected, size + mtime of every source for skipping unchanged work on re-runs) and nnU-Net's
-``dataset.json``."""
+"""The dataset's bookkeeping: ``nnssl_ingest_summary.json`` (what was accepted from where, what was rejected or
+excluded and why, what was corrected, size + mtime of every source for skipping unchanged work on re-runs),
+``nnssl_case_metadata.json`` (subject, session, modality and quality score per case, from ``--metadata``) and
+nnU-Net's ``dataset.json``."""
 
 import json
 import os
@@ -10,6 +11,7 @@ from nnssl.ingest.discover import Source
 from nnssl.ingest.write_case import CHANNEL_SUFFIX, FILE_ENDING, image_path, label_path
 
 SUMMARY_FILE = "nnssl_ingest_summary.json"
+CASE_METADATA_FILE = "nnssl_case_metadata.json"
 LABEL_SEMANTICS = ("1 = anatomy (whole image where no anatomy mask was given), 2 = anonymised; "
                    "placeholder labels for nnU-Net, not a segmentation")
 MASK_KEYS = ("anatomy_mask", "anonymization_mask")
@@ -48,9 +50,9 @@ def is_unchanged(previous: Optional[dict], current: dict, dataset_folder: str, c
 
 
 def load_summary(dataset_folder: str) -> dict:
-    """The previous run's summary (``accepted`` / ``rejected`` / ``corrected``), or an empty one."""
+    """The previous run's summary (``accepted`` / ``rejected`` / ``excluded`` / ``corrected``), or an empty one."""
     path = os.path.join(dataset_folder, SUMMARY_FILE)
-    summary = {"accepted": {}, "rejected": {}, "corrected": {}}
+    summary = {"accepted": {}, "rejected": {}, "excluded": {}, "corrected": {}}
     if os.path.isfile(path):
         with open(path) as file:
             stored = json.load(file)
@@ -95,11 +97,33 @@ def write_dataset_json(dataset_folder: str, name: str, modality: str, accepted: 
 
 
 def write_summary(dataset_folder: str, name: str, accepted: Dict[str, dict], rejected: Dict[str, str],
-                  corrected: Dict[str, str], last_run: Dict[str, int]) -> str:
-    """Write ``nnssl_ingest_summary.json`` (``corrected``: case -> what ``--fix_bad_spacing`` changed); returns its
-    path."""
+                  excluded: Dict[str, str], corrected: Dict[str, str], last_run: Dict[str, int],
+                  metadata: Optional[dict] = None) -> str:
+    """Write ``nnssl_ingest_summary.json`` (``excluded``: image -> why ``--metadata`` / the filters / the exclude
+    list left it out; ``corrected``: case -> what ``--fix_bad_spacing`` changed; ``metadata``: the last run's table
+    and its rows without image); returns its path."""
     path = os.path.join(dataset_folder, SUMMARY_FILE)
-    write_json_atomically({"dataset": name, "last_run": last_run, "accepted": dict(sorted(accepted.items())),
-                           "rejected": dict(sorted(rejected.items())), "corrected": dict(sorted(corrected.items()))},
-                          path)
+    content = {"dataset": name, "last_run": last_run, "accepted": dict(sorted(accepted.items())),
+               "rejected": dict(sorted(rejected.items())), "excluded": dict(sorted(excluded.items())),
+               "corrected": dict(sorted(corrected.items()))}
+    if metadata is not None:
+        content["metadata"] = metadata
+    write_json_atomically(content, path)
     return path
+
+
+def load_case_metadata(dataset_folder: str) -> Dict[str, dict]:
+    """The ``cases`` of the dataset's ``nnssl_case_metadata.json`` (case -> subject, session, modality, quality)."""
+    path = os.path.join(dataset_folder, CASE_METADATA_FILE)
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as file:
+        return json.load(file).get("cases", {})
+
+
+def write_case_metadata(dataset_folder: str, cases: Dict[str, dict]) -> None:
+    """Write ``nnssl_case_metadata.json`` for the cases that have metadata; a dataset that never had any gets no
+    file. Pretraining reads the subject of each case from it (keys are nnU-Net case identifiers)."""
+    path = os.path.join(dataset_folder, CASE_METADATA_FILE)
+    if cases or os.path.isfile(path):
+        write_json_atomically({"cases": dict(sorted(cases.items()))}, path)
