@@ -84,8 +84,12 @@ class nnsslPretrainTrainer(nnsslTrainerMixin, nnUNetTrainer):
             else None
         self.best_val_loss: Optional[float] = None
         self._nonfinite_losses_this_epoch = 0
+        self.check_plans()
 
     # ----------------------------------------------------------------------------------------- what subclasses provide
+    def check_plans(self) -> None:
+        """Refuse plans whose network this method cannot pretrain (the end of ``__init__``, before any work)."""
+
     def wrap_network(self, network: nn.Module) -> nn.Module:
         """Build the pretraining model around the plans' dna network."""
         raise NotImplementedError

@@ -56,9 +56,7 @@ class PrimusPretraining:
     recipe = PRIMUS_MAE_RECIPE
     resenc_trainer = ""  # the same method's trainer for ResEnc plans, named when the plans build no Primus
 
-    def __init__(self, plans: dict, configuration: str, fold, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
+    def check_plans(self) -> None:
         require_primus_plans(self.__class__.__name__, self.configuration_manager, self.plans_manager.plans_name,
                              self.resenc_trainer)
 
@@ -69,9 +67,8 @@ class PrimusMAEPretrainTrainer(PrimusPretraining, S3DPretrainTrainer):
     masking = MaskingConfig(block_size=8, ratio_range=(0.75, 0.75))
     decoder = TokenDecoderConfig()
 
-    def __init__(self, plans: dict, configuration: str, fold, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
+    def check_plans(self) -> None:
+        super().check_plans()
         check_mask_blocks(self.__class__.__name__, self.configuration_manager, self.masking)
 
     def wrap_network(self, network: nn.Module) -> nn.Module:

@@ -23,10 +23,10 @@ from nnssl import citations
 from nnssl.errors import UserError
 from nnssl.methods.contrastive import DEFAULT_TEMPERATURE, nt_xent_loss
 from nnssl.methods.encoder_features import encoder_state_dict
-from nnssl.methods.recipe import PRETRAIN_RECIPE, PRIMUS_MAE_RECIPE
+from nnssl.methods.recipe import PRETRAIN_RECIPE
 from nnssl.methods.simclr import NUM_VIEWS, SimCLRGeometry, SimCLRModel, simclr_transforms
 from nnssl.trainers.crop_pretext import CropPretextTrainer
-from nnssl.trainers.primus import require_primus_plans, require_unet_plans
+from nnssl.trainers.primus import PrimusPretraining, require_unet_plans
 from nnssl.trainers.variants import define_epoch_variants
 
 
@@ -50,7 +50,6 @@ class SimCLRPretrainTrainer(CropPretextTrainer):
     def __init__(self, plans: dict, configuration: str, fold, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.check_plans()
         check_contrastive_batch_size(self.__class__.__name__, self.configuration_manager.batch_size,
                                      self.plans_manager.plans_name, configuration)
 
@@ -79,13 +78,9 @@ class SimCLRPretrainTrainer_t01(SimCLRPretrainTrainer):
     temperature = 0.1
 
 
-class PrimusSimCLRPretrainTrainer(SimCLRPretrainTrainer):
+class PrimusSimCLRPretrainTrainer(PrimusPretraining, SimCLRPretrainTrainer):
     citations = (citations.NNUNET, citations.PRIMUS, citations.OPENMIND, citations.SIMCLR)
-    recipe = PRIMUS_MAE_RECIPE
-
-    def check_plans(self) -> None:
-        require_primus_plans(self.__class__.__name__, self.configuration_manager, self.plans_manager.plans_name,
-                             "SimCLRPretrainTrainer")
+    resenc_trainer = "SimCLRPretrainTrainer"
 
 
 class PrimusSimCLRPretrainTrainer_t01(PrimusSimCLRPretrainTrainer):

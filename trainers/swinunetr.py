@@ -32,12 +32,11 @@ from nnssl import citations
 from nnssl.integration.distributed import gather_from_all_ranks
 from nnssl.methods.contrastive import DEFAULT_TEMPERATURE
 from nnssl.methods.encoder_features import encoder_state_dict
-from nnssl.methods.recipe import PRIMUS_MAE_RECIPE
 from nnssl.methods.swinunetr import (CutoutConfig, SwinUNETRGeometry, SwinUNETRLossWeights, SwinUNETRModel,
                                      SwinUNETRViewTransform, split_views, swinunetr_loss_parts, unpack_view_targets,
                                      weighted_loss)
 from nnssl.trainers.crop_pretext import TINY_PLANS_PATCH_EDGE, CropPretextTrainer
-from nnssl.trainers.primus import require_primus_plans, require_unet_plans
+from nnssl.trainers.primus import PrimusPretraining, require_unet_plans
 from nnssl.trainers.simclr import check_contrastive_batch_size
 from nnssl.trainers.variants import define_epoch_variants
 
@@ -53,7 +52,6 @@ class SwinUNETRPretrainTrainer(CropPretextTrainer):
     def __init__(self, plans: dict, configuration: str, fold, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.check_plans()
         check_contrastive_batch_size(self.__class__.__name__, self.configuration_manager.batch_size,
                                      self.plans_manager.plans_name, configuration)
         self.view_size = self.crop_geometry.view_size
@@ -125,13 +123,9 @@ class SwinUNETRPretrainTrainer(CropPretextTrainer):
         }
 
 
-class PrimusSwinUNETRPretrainTrainer(SwinUNETRPretrainTrainer):
+class PrimusSwinUNETRPretrainTrainer(PrimusPretraining, SwinUNETRPretrainTrainer):
     citations = (citations.NNUNET, citations.PRIMUS, citations.OPENMIND, citations.SWINUNETR)
-    recipe = PRIMUS_MAE_RECIPE
-
-    def check_plans(self) -> None:
-        require_primus_plans(self.__class__.__name__, self.configuration_manager, self.plans_manager.plans_name,
-                             "SwinUNETRPretrainTrainer")
+    resenc_trainer = "SwinUNETRPretrainTrainer"
 
 
 class SwinUNETRPretrainTrainer_tokenheads(SwinUNETRPretrainTrainer):
