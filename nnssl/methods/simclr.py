@@ -110,13 +110,13 @@ class GlobalBatchNorm1d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
-        sums = torch.stack([x32.sum(dim=0), x32.square().sum(dim=0)])
         count = torch.tensor([float(x.shape[0])], device=x.device)
+        sums = torch.cat([x32.sum(dim=0), x32.square().sum(dim=0), count])  # one collective per step, not two
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             sums = all_reduce(sums)
-            dist.all_reduce(count)
-        mean = sums[0] / count
-        variance = (sums[1] / count - mean.square()).clamp_min(0.0)
+        features, count = x.shape[1], sums[-1]
+        mean = sums[:features] / count
+        variance = (sums[features:2 * features] / count - mean.square()).clamp_min(0.0)
         return ((x32 - mean) * torch.rsqrt(variance + self.eps) * self.weight + self.bias).to(x.dtype)
 
 
