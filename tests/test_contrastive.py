@@ -4,19 +4,18 @@ norm over the global batch (``GlobalBatchNorm1d``)."""
 
 import math
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from nnssl.methods.contrastive import nt_xent_loss
 from nnssl.methods.simclr import GlobalBatchNorm1d
 
-WORLD_SIZE = 2
+from contrastive_ranks import WORLD_SIZE, normalised_nt_xent, rank_loss_and_gradients
+
 SPAWN_TIMEOUT = 120  # seconds: two tiny gloo processes start and finish in a few seconds
 
 
@@ -49,14 +48,6 @@ def test_nt_xent_refuses_a_batch_without_negatives():
         nt_xent_loss(torch.randn(1, 4), torch.randn(1, 4))
 
 
-def normalised_nt_xent(a: torch.Tensor, b: torch.Tensor, normalise: bool) -> torch.Tensor:
-    """NT-Xent of the two views, optionally after SimCLR's head norm over every view of the (global) batch."""
-    if normalise:
-        both = GlobalBatchNorm1d(a.shape[1])(torch.cat([a, b]))
-        a, b = both[:a.shape[0]], both[a.shape[0]:]
-    return nt_xent_loss(a, b, 0.5)
-
-
 def test_global_batch_norm_is_batch_norm_with_batch_statistics_in_one_process():
     x = torch.randn(6, 5) * 3 + 2
     reference = torch.nn.BatchNorm1d(5, track_running_stats=False)
@@ -64,27 +55,11 @@ def test_global_batch_norm_is_batch_norm_with_batch_statistics_in_one_process():
         torch.testing.assert_close(GlobalBatchNorm1d(5).train(mode)(x), reference(x), rtol=1e-5, atol=1e-5)
 
 
-def _rank_loss_and_gradients(rank: int, rendezvous: str, a: torch.Tensor, b: torch.Tensor, out: str,
-                             normalise: bool) -> None:
-    """One rank: its half of the batch, the loss with negatives (and norm statistics) from both ranks, the gradients
-    of its own rows."""
-    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=WORLD_SIZE,
-                            timeout=timedelta(seconds=60))
-    try:
-        rows = slice(rank * a.shape[0] // WORLD_SIZE, (rank + 1) * a.shape[0] // WORLD_SIZE)
-        local_a, local_b = a[rows].clone().requires_grad_(), b[rows].clone().requires_grad_()
-        loss = normalised_nt_xent(local_a, local_b, normalise)
-        loss.backward()
-        torch.save({"loss": loss.detach(), "grad_a": local_a.grad, "grad_b": local_b.grad}, f"{out}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.parametrize("normalise", [False, True], ids=["nt_xent", "head_norm_and_nt_xent"])
 def test_two_ranks_contrast_with_each_others_samples_as_one_process_over_the_whole_batch(tmp_path: Path, normalise):
     torch.manual_seed(0)
     a, b = torch.randn(4, 6), torch.randn(4, 6)
-    context = mp.spawn(_rank_loss_and_gradients,
+    context = mp.spawn(rank_loss_and_gradients,
                        args=(f"file://{tmp_path / 'rendezvous'}", a, b, str(tmp_path), normalise),
                        nprocs=WORLD_SIZE, join=False)
     deadline = time.monotonic() + SPAWN_TIMEOUT
