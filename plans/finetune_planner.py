@@ -27,6 +27,8 @@ FINETUNE_BATCH_SIZE = 2  # nnU-Net's ResEnc-L batch at 160^3 and the nnssl downs
 
 class nnsslFinetunePlanner(nnsslPlanner):
     default_plans_name = "nnsslFinetunePlans"
+    # recorded in the plans: "pretrained" loads strictly, "dynamic" (nnsslDynamicFinetunePlanner) by name and shape
+    architecture_mode = "pretrained"
 
     def __init__(self, dataset_name_or_id: Union[str, int], checkpoint_path: str, checkpoint: dict,
                  adaptation_mode: str = "like_pretrained", override_spacing: Optional[Sequence[float]] = None,
@@ -83,6 +85,7 @@ class nnsslFinetunePlanner(nnsslPlanner):
             "checkpoint": self.checkpoint_path,
             "trainer_name": self.checkpoint.get("trainer_name"),
             "adaptation_mode": self.adaptation_mode,
+            "architecture": self.architecture_mode,
             "key_to_encoder": plan.get("key_to_encoder"),
             "key_to_stem": plan.get("key_to_stem"),
             "keys_to_in_proj": plan.get("keys_to_in_proj"),

@@ -93,16 +93,19 @@ class nnsslPlanner(ExperimentPlanner):
         fingerprint = self.dataset_fingerprint
         new_shapes = [compute_new_shape(shape, old_spacing, spacing)
                       for old_spacing, shape in zip(fingerprint["spacings"], fingerprint["shapes_after_crop"])]
+        # like nnU-Net, the plans hold spacings and shapes in the transposed axis order (identity for fixed plans)
+        median_shape = np.median(new_shapes, 0)[transpose_forward]
         plans = {
             "dataset_name": self.dataset_name,
             "plans_name": self.plans_identifier,
-            "original_median_spacing_after_transp": [float(i) for i in np.median(fingerprint["spacings"], 0)],
+            "original_median_spacing_after_transp": [float(i) for i in
+                                                     np.median(fingerprint["spacings"], 0)[transpose_forward]],
             "original_median_shape_after_transp": [int(round(i)) for i in
-                                                   np.median(fingerprint["shapes_after_crop"], 0)],
+                                                   np.median(fingerprint["shapes_after_crop"], 0)[transpose_forward]],
             "image_reader_writer": self.determine_reader_writer().__name__,
-            "transpose_forward": transpose_forward,
-            "transpose_backward": transpose_backward,
-            "configurations": {CONFIGURATION: self.fixed_configuration(spacing, np.median(new_shapes, 0))},
+            "transpose_forward": [int(i) for i in transpose_forward],
+            "transpose_backward": [int(i) for i in transpose_backward],
+            "configurations": {CONFIGURATION: self.fixed_configuration(spacing[transpose_forward], median_shape)},
             "experiment_planner_used": self.__class__.__name__,
             "label_manager": "LabelManager",
             "foreground_intensity_properties_per_channel":

@@ -38,13 +38,14 @@ def check_labeled(dataset_id: int) -> str:
     return names[0]
 
 
-def prepare_finetune(dataset_id: int, checkpoint_path: str, plans_name: str = "nnsslFinetunePlans",
-                     adaptation_mode: str = "like_pretrained", override_spacing: Optional[Sequence[float]] = None,
+def prepare_finetune(dataset_id: int, checkpoint_path: str, plans_name: Optional[str] = None,
+                     adaptation_mode: Optional[str] = None, override_spacing: Optional[Sequence[float]] = None,
                      num_processes: Optional[int] = None, num_processes_fingerprint: Optional[int] = None,
                      preprocess: bool = True,
-                     verbose: bool = False) -> dict:
-    """Fingerprint (if needed), plan with ``nnsslFinetunePlanner`` and preprocess ``3d_fullres``; return the plans.
-    Process counts left at None are sized to the machine (``default_num_processes``)."""
+                     verbose: bool = False, architecture: str = "pretrained") -> dict:
+    """Fingerprint (if needed), plan with the planner of ``architecture`` and preprocess ``3d_fullres``; return the
+    plans. Plans name and adaptation mode left at None are the architecture's defaults (``ARCHITECTURES``), process
+    counts left at None are sized to the machine (``default_num_processes``)."""
     missing = [v for v in NNUNET_FOLDERS[:2] if not os.environ.get(v)]
     if missing:
         raise UserError(f"Environment variable(s) {', '.join(missing)} not set: nnssl_prepare_finetune reads the "
@@ -52,7 +53,6 @@ def prepare_finetune(dataset_id: int, checkpoint_path: str, plans_name: str = "n
     check_labeled(dataset_id)
     from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset, preprocess_dataset
 
-    from nnssl.plans.finetune_planner import nnsslFinetunePlanner
     from nnssl.finetuning.transfer import (PretrainedWeightsError, check_weights_match_adaptation_plan,
                                            load_pretrained_checkpoint)
 
@@ -69,12 +69,29 @@ def prepare_finetune(dataset_id: int, checkpoint_path: str, plans_name: str = "n
     num_processes = num_processes or default_num_processes(MAX_DEFAULT_PROCESSES)
     num_processes_fingerprint = num_processes_fingerprint or default_num_processes(MAX_DEFAULT_PROCESSES)
     extract_fingerprint_dataset(dataset_id, num_processes=num_processes_fingerprint, clean=False, verbose=verbose)
-    planner = nnsslFinetunePlanner(dataset_id, checkpoint_path, checkpoint, adaptation_mode, override_spacing,
-                                   plans_name)
+    planner_class = finetune_planner_class(architecture)
+    planner = planner_class(dataset_id, checkpoint_path, checkpoint, adaptation_mode or ARCHITECTURES[architecture],
+                            override_spacing, plans_name)
     plans = planner.plan_experiment()
     if preprocess:
         preprocess_dataset(dataset_id, planner.plans_identifier, ["3d_fullres"], [num_processes], verbose=verbose)
     return plans
+
+
+# --architecture: the planner's default adaptation mode (spacing) per choice
+ARCHITECTURES = {"pretrained": "like_pretrained", "dynamic": "default_nnunet"}
+
+
+def finetune_planner_class(architecture: str) -> type:
+    """``pretrained``: the checkpoint's architecture and patch (every tensor transfers); ``dynamic``: nnU-Net's ResEnc
+    plans for this dataset, loaded by name and shape."""
+    if architecture not in ARCHITECTURES:
+        raise UserError(f"Unknown --architecture {architecture!r}; choose one of {list(ARCHITECTURES)}.")
+    if architecture == "dynamic":
+        from nnssl.plans.dynamic_finetune_planner import nnsslDynamicFinetunePlanner
+        return nnsslDynamicFinetunePlanner
+    from nnssl.plans.finetune_planner import nnsslFinetunePlanner
+    return nnsslFinetunePlanner
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,19 +99,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nnssl_prepare_finetune",
         description="Plan and preprocess a labeled nnU-Net dataset (in nnUNet_raw) so that it matches a pretraining "
-                    "checkpoint: same architecture, patch and normalisation, spacing per adaptation mode. Then "
+                    "checkpoint: same architecture, patch and normalisation, spacing per adaptation mode (with "
+                    "--architecture dynamic: nnU-Net's ResEnc plans for this dataset, z-score). Then "
                     "fine-tune with: nnUNetv2_train ID 3d_fullres FOLD -tr nnsslFinetuneTrainer -p PLANS_NAME")
     parser.add_argument("-d", type=int, required=True, metavar="ID", help="[REQUIRED] dataset ID of the labeled dataset")
     parser.add_argument("-c", "--checkpoint", required=True, metavar="CHECKPOINT",
                         help="[REQUIRED] pretraining checkpoint (.pth with network_weights and nnssl_adaptation_plan:"
                              " written by an nnssl pretraining trainer or by nnssl, e.g. the OpenMind checkpoints)")
-    parser.add_argument("-p", "--plans_name", default="nnsslFinetunePlans", metavar="PLANS_NAME",
-                        help="plans name to write (default: %(default)s); also the data identifier prefix")
-    parser.add_argument("-am", "--adaptation_mode", default="like_pretrained",
+    parser.add_argument("-p", "--plans_name", default=None, metavar="PLANS_NAME",
+                        help="plans name to write (default: nnsslFinetunePlans, with --architecture dynamic "
+                             "nnsslDynamicFinetunePlans); also the data identifier prefix")
+    parser.add_argument("-am", "--adaptation_mode", default=None,
                         choices=["like_pretrained", "default_nnunet", "fixed", "no_resample"],
                         help="target spacing: the pretraining one (like_pretrained, the default), nnU-Net's default "
-                             "for this dataset (default_nnunet), a fixed one given with -os (fixed), or no "
-                             "resampling (no_resample)")
+                             "for this dataset (default_nnunet, the default with --architecture dynamic), a fixed "
+                             "one given with -os (fixed), or no resampling (no_resample)")
+    parser.add_argument("--architecture", default="pretrained", choices=list(ARCHITECTURES),
+                        help="pretrained (default): the checkpoint's architecture and patch, every pretrained tensor "
+                             "transfers; dynamic: nnU-Net's ResEnc plans for this dataset (its spacing, patch, "
+                             "stages and kernels), loading every pretrained tensor whose name and shape fit")
     parser.add_argument("-os", "--override_spacing", type=float, nargs=3, default=None, metavar=("X", "Y", "Z"),
                         help="target spacing in mm (nnU-Net axis order) for -am fixed")
     parser.add_argument("-np", type=int, default=cores, metavar="N",
@@ -121,7 +144,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     plans = prepare_finetune(args.d, args.checkpoint, args.plans_name, args.adaptation_mode, args.override_spacing,
-                             args.np, args.npfp, not args.no_pp, args.verbose)
+                             args.np, args.npfp, not args.no_pp, args.verbose, args.architecture)
     config = plans["configurations"]["3d_fullres"]
     print(f"Plans {plans['plans_name']} written for {plans['dataset_name']}: spacing {config['spacing']}, patch "
           f"{config['patch_size']}, batch {config['batch_size']}. Fine-tune with:\n  nnUNetv2_train "

@@ -263,3 +263,46 @@ def test_recipes_and_smoke_lengths_train_through_the_stock_command(nnunet_dirs, 
     assert all(torch.equal(value, trained[f"decoder.stages.{key}"]) for key, value in decoder.items()
                if ".all_modules." in key)
     encdec.on_train_end()
+
+
+def test_dynamic_architecture_plans_like_nnunet_and_loads_what_fits(nnunet_dirs, tmp_path):
+    """``nnssl_prepare_finetune --architecture dynamic`` on anisotropic data (3 mm slices, 0.8 mm in-plane):
+    nnU-Net's ResEnc topology at the checkpoint's widths, then one epoch of ``nnUNetv2_train`` whose log holds the
+    dynamic-adaptation table (stage 0 kernels averaged to 1x3x3, the checkpoint's deepest stage unused)."""
+    from nnssl.errors import InvalidValueError
+    from nnssl.plans.dynamic_finetune_planner import nnsslDynamicFinetunePlanner
+
+    folder = write_labeled_dataset(nnunet_dirs["nnUNet_raw"], 44, "Aniso", shapes=[(12, 40, 40)] * 2,
+                                   spacings=[(3.0, 0.8, 0.8)] * 2)
+    checkpoint = tmp_path / "nnssl_layout.pth"
+    write_nnssl_layout_checkpoint(checkpoint)
+    run_command(["nnssl_prepare_finetune", "-d", 44, "-c", checkpoint, "--architecture", "dynamic", "-np", 1,
+                 "-npfp", 1])
+    plans = json.loads((nnunet_dirs["nnUNet_preprocessed"] / folder.name / "nnsslDynamicFinetunePlans.json")
+                       .read_text())
+    config = plans["configurations"]["3d_fullres"]
+    kwargs, pretrained = config["architecture"]["arch_kwargs"], tiny_plans_architecture()["arch_kwargs"]
+    assert plans["nnssl_pretrained"]["architecture"] == "dynamic"
+    assert config["spacing"] == pytest.approx([3.0, 0.8, 0.8]) and config["normalization_schemes"] == ["ZScoreNormalization"]
+    assert config["data_identifier"] == "nnsslDynamicFinetunePlans_3d_fullres"
+    assert config["patch_size"][0] < config["patch_size"][1] and kwargs["n_stages"] < pretrained["n_stages"]
+    assert kwargs["kernel_sizes"][0] == [1, 3, 3] and kwargs["strides"][1] == [1, 2, 2]
+    assert kwargs["features_per_stage"] == pretrained["features_per_stage"][:kwargs["n_stages"]]
+    assert kwargs["n_blocks_per_stage"] == pretrained["n_blocks_per_stage"][:kwargs["n_stages"]]
+
+    run_command(["nnUNetv2_train", 44, "3d_fullres", "all", "-tr", "nnsslFinetuneTrainer", "-p",
+                 "nnsslDynamicFinetunePlans", "-device", "cpu"], extra_env={**SEEDED_SMOKE_3, "nnssl_num_epochs": "1"})
+    model = nnunet_dirs["nnUNet_results"] / folder.name / \
+        "nnsslFinetuneTrainer__nnsslDynamicFinetunePlans__3d_fullres" / "fold_all"
+    log = next(model.glob("training_log_*.txt")).read_text()
+    assert "dynamic adaptation (tensors;" in log, log[-3000:]
+    total = next(line for line in log.splitlines() if " total " in line).split()
+    assert int(total[-4]) > 0 and int(total[-1]) > 0  # loaded; unused (the checkpoint's deeper stages)
+    assert "encoder.stem.convs.0.conv.weight: kernel (3, 3, 3) -> (1, 3, 3) averaged over axis 0" in log
+    assert f"is deeper than the network's {kwargs['n_stages']} stages" in log
+    assert (model / "checkpoint_final.pth").is_file()
+
+    primus = {"nnssl_adaptation_plan": {"architecture_plans": {"arch_class_name": "PrimusM"},
+                                        "recommended_downstream_patchsize": [64, 64, 64]}}
+    with pytest.raises(InvalidValueError, match="holds a Primus. A Primus keeps its pretraining architecture"):
+        nnsslDynamicFinetunePlanner(44, str(checkpoint), primus, "default_nnunet")

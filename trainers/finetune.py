@@ -25,6 +25,7 @@ from nnssl.integration.checkpoint import unwrap
 from nnssl.integration.environment import text_from_environment
 from nnssl.integration.patching import replaced_attribute
 from nnssl.finetuning.augmentation import spatial_only_training_transforms
+from nnssl.finetuning.dynamic_transfer import DynamicTransferReport, dynamic_transfer
 from nnssl.finetuning.recipe import DEFAULT_RECIPE, PAPER_RECIPE, PRIMUS_RECIPE, FinetuneRecipe
 from nnssl.finetuning.schedule import FinetuneSchedule
 from nnssl.finetuning.transfer import PretrainedWeightsError, load_pretrained_checkpoint, transfer_pretrained_weights
@@ -162,9 +163,12 @@ class nnsslFinetuneTrainer(nnsslTrainerMixin, nnUNetTrainer):
         checkpoint = load_pretrained_checkpoint(path)
         plan = checkpoint.get("nnssl_adaptation_plan") or self.plans_manager.plans.get("nnssl_pretrained") or {}
         self._check_same_family(plan, path)
-        report = transfer_pretrained_weights(unwrap(self.network), checkpoint["network_weights"], plan,
-                                             self.recipe.transfer_parts, source=os.path.basename(path),
-                                             patch_size=self.configuration_manager.patch_size)
+        if self.plans_manager.plans.get("nnssl_pretrained", {}).get("architecture") == "dynamic":
+            report = self._dynamic_transfer(checkpoint, plan, path)
+        else:
+            report = transfer_pretrained_weights(unwrap(self.network), checkpoint["network_weights"], plan,
+                                                 self.recipe.transfer_parts, source=os.path.basename(path),
+                                                 patch_size=self.configuration_manager.patch_size)
         self.print_to_log_file(f"Pretrained weights from {path} ({checkpoint.get('trainer_name', 'unknown trainer')}):")
         for line in report.lines():
             self.print_to_log_file("  " + line)
@@ -172,6 +176,17 @@ class nnsslFinetuneTrainer(nnsslTrainerMixin, nnUNetTrainer):
                       *citations.checkpoint_entries([citations.PRIMUS if is_primus_plan(plan) else citations.S3D,
                                                      citations.NNUNET])]
         self.print_to_log_file("Please cite:\n  " + "\n  ".join(citations.apa_lines(references)))
+
+    def _dynamic_transfer(self, checkpoint: dict, adaptation_plan: dict, path: str) -> DynamicTransferReport:
+        """Plans from ``nnssl_prepare_finetune --architecture dynamic``: load what fits by name and shape."""
+        if "decoder" in self.recipe.transfer_parts:
+            raise UserError(f"{self.__class__.__name__} transfers the pretrained decoder, but the plans "
+                            f"{self.plans_manager.plans_name} were made with --architecture dynamic, whose decoder "
+                            f"stages need not correspond to the checkpoint's. Fine-tune them with a trainer that "
+                            f"transfers stem and encoder (e.g. nnsslFinetuneTrainer), or plan with the pretrained "
+                            f"architecture.")
+        return dynamic_transfer(unwrap(self.network), checkpoint["network_weights"], adaptation_plan,
+                                source=os.path.basename(path))
 
     def _check_same_family(self, adaptation_plan: dict, path: str) -> None:
         """A Primus checkpoint needs Primus plans and a U-Net checkpoint U-Net plans (said before any key error)."""
