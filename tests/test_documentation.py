@@ -120,9 +120,10 @@ def planning_class_exists(name: str) -> bool:
 
 
 def plans_written_by_nnssl() -> Set[str]:
-    from nnssl.plans import finetune_planner, nnssl_planner
+    from nnssl.plans import dynamic_finetune_planner, finetune_planner, nnssl_planner
 
-    return {cls.default_plans_name for module in (nnssl_planner, finetune_planner) for cls in vars(module).values()
+    return {cls.default_plans_name for module in (nnssl_planner, finetune_planner, dynamic_finetune_planner)
+            for cls in vars(module).values()
             if isinstance(cls, type) and isinstance(getattr(cls, "default_plans_name", None), str)}
 
 
