@@ -269,7 +269,7 @@ def test_dynamic_architecture_plans_like_nnunet_and_loads_what_fits(nnunet_dirs,
     """``nnssl_prepare_finetune --architecture dynamic`` on anisotropic data (3 mm slices, 0.8 mm in-plane):
     nnU-Net's ResEnc topology at the checkpoint's widths, then one epoch of ``nnUNetv2_train`` whose log holds the
     dynamic-adaptation table (stage 0 kernels averaged to 1x3x3, the checkpoint's deepest stage unused)."""
-    from nnssl.errors import InvalidValueError
+    from nnssl.errors import InvalidValueError, UserError
     from nnssl.plans.dynamic_finetune_planner import nnsslDynamicFinetunePlanner
 
     folder = write_labeled_dataset(nnunet_dirs["nnUNet_raw"], 44, "Aniso", shapes=[(12, 40, 40)] * 2,
@@ -302,6 +302,13 @@ def test_dynamic_architecture_plans_like_nnunet_and_loads_what_fits(nnunet_dirs,
     assert f"is deeper than the network's {kwargs['n_stages']} stages" in log
     assert (model / "checkpoint_final.pth").is_file()
 
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    encdec = get_trainer_from_args("44", "3d_fullres", "all", "nnsslFinetuneTrainer_encdec",
+                                   "nnsslDynamicFinetunePlans", device=torch.device("cpu"))
+    encdec.initialize()
+    with pytest.raises(UserError, match="transfers the pretrained decoder, but the plans nnsslDynamicFinetunePlans"):
+        encdec._load_pretrained_weights()
     primus = {"nnssl_adaptation_plan": {"architecture_plans": {"arch_class_name": "PrimusM"},
                                         "recommended_downstream_patchsize": [64, 64, 64]}}
     with pytest.raises(InvalidValueError, match="holds a Primus. A Primus keeps its pretraining architecture"):
