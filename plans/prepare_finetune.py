@@ -42,9 +42,10 @@ def prepare_finetune(dataset_id: int, checkpoint_path: str, plans_name: str = "n
                      adaptation_mode: str = "like_pretrained", override_spacing: Optional[Sequence[float]] = None,
                      num_processes: Optional[int] = None, num_processes_fingerprint: Optional[int] = None,
                      preprocess: bool = True,
-                     verbose: bool = False) -> dict:
+                     verbose: bool = False, patch_size: Optional[Sequence[int]] = None) -> dict:
     """Fingerprint (if needed), plan with ``nnsslFinetunePlanner`` and preprocess ``3d_fullres``; return the plans.
-    Process counts left at None are sized to the machine (``default_num_processes``)."""
+    Process counts left at None are sized to the machine (``default_num_processes``); ``patch_size`` replaces the
+    checkpoint's recommended downstream patch."""
     missing = [v for v in NNUNET_FOLDERS[:2] if not os.environ.get(v)]
     if missing:
         raise UserError(f"Environment variable(s) {', '.join(missing)} not set: nnssl_prepare_finetune reads the "
@@ -53,6 +54,8 @@ def prepare_finetune(dataset_id: int, checkpoint_path: str, plans_name: str = "n
     from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset, preprocess_dataset
 
     from nnssl.plans.finetune_planner import nnsslFinetunePlanner
+    from nnssl.finetuning.adaptation_plan import nnunet_architecture
+    from nnssl.finetuning.downstream_patch import check_downstream_patch
     from nnssl.finetuning.transfer import (PretrainedWeightsError, check_weights_match_adaptation_plan,
                                            load_pretrained_checkpoint)
 
@@ -66,11 +69,13 @@ def prepare_finetune(dataset_id: int, checkpoint_path: str, plans_name: str = "n
             f"(or by nnssl). {spark}Use a pretraining checkpoint, or plan with nnsslPlanner and nnU-Net's "
             f"-pretrained_weights.")
     check_weights_match_adaptation_plan(checkpoint, checkpoint_path)
+    if patch_size is not None:  # refused before the fingerprint, not after it
+        check_downstream_patch(patch_size, nnunet_architecture(checkpoint["nnssl_adaptation_plan"]))
     num_processes = num_processes or default_num_processes(MAX_DEFAULT_PROCESSES)
     num_processes_fingerprint = num_processes_fingerprint or default_num_processes(MAX_DEFAULT_PROCESSES)
     extract_fingerprint_dataset(dataset_id, num_processes=num_processes_fingerprint, clean=False, verbose=verbose)
     planner = nnsslFinetunePlanner(dataset_id, checkpoint_path, checkpoint, adaptation_mode, override_spacing,
-                                   plans_name)
+                                   plans_name, patch_size)
     plans = planner.plan_experiment()
     if preprocess:
         preprocess_dataset(dataset_id, planner.plans_identifier, ["3d_fullres"], [num_processes], verbose=verbose)
@@ -97,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "resampling (no_resample)")
     parser.add_argument("-os", "--override_spacing", type=float, nargs=3, default=None, metavar=("X", "Y", "Z"),
                         help="target spacing in mm (nnU-Net axis order) for -am fixed")
+    parser.add_argument("-ps", "--patch_size", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
+                        help="downstream patch size (nnU-Net axis order; default: the checkpoint's recommended "
+                             "downstream patch); each a multiple of the U-Net's total stride or the Primus patch "
+                             "embedding. A Primus's positional embedding is resampled to the new token grid")
     parser.add_argument("-np", type=int, default=cores, metavar="N",
                         help=f"processes for preprocessing (default: min({MAX_DEFAULT_PROCESSES}, cores) = "
                              f"%(default)s on this machine)")
@@ -121,7 +130,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     plans = prepare_finetune(args.d, args.checkpoint, args.plans_name, args.adaptation_mode, args.override_spacing,
-                             args.np, args.npfp, not args.no_pp, args.verbose)
+                             args.np, args.npfp, not args.no_pp, args.verbose, args.patch_size)
     config = plans["configurations"]["3d_fullres"]
     print(f"Plans {plans['plans_name']} written for {plans['dataset_name']}: spacing {config['spacing']}, patch "
           f"{config['patch_size']}, batch {config['batch_size']}. Fine-tune with:\n  nnUNetv2_train "
