@@ -1,5 +1,10 @@
 """nnssl_sampling=subject: the pretraining loaders draw a subject first, then one of its images (issue 22); the
-subjects come from nnssl_ingest --metadata; missing subjects are refused with what to do."""
+subjects come from nnssl_ingest --metadata; missing subjects are refused with what to do.
+
+The user's path end to end (nnssl_ingest --metadata, then one tiny S3DPretrainTrainer epoch through nnUNetv2_train
+whose log must show the balancing line with its numbers) is the runnable block of documentation/pretraining.md,
+"Subject-balanced sampling", which test_documentation runs on the laptop run's data (19 s there, against 81 s for a
+test of its own that has to plan and preprocess a dataset first)."""
 
 import json
 import math
@@ -10,8 +15,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from conftest import SMOKE_PRETRAINING, run_command
-from test_ingest import textured, write_image
 from nnssl.ingest.summary import CASE_METADATA_FILE
 from nnssl.integration.environment import EnvironmentVariableError
 from nnssl.integration.pretraining_loader import PretrainingDataLoader
@@ -90,28 +93,3 @@ def test_missing_metadata_and_subjects_are_refused_with_what_to_do(tmp_path, mon
     assert sampling_mode() == "subject"
     monkeypatch.delenv("nnssl_sampling")
     assert sampling_mode() == "image"
-
-
-def test_subject_balanced_pretraining_through_nnunetv2_train(nnunet_dirs, tmp_path):
-    """Ingested with an OpenMind-style table (subject from the BIDS path), planned, one tiny S3D epoch."""
-    root = tmp_path / "OpenMind"
-    images = ["ds1/sub-A/ses-1/anat/sub-A_ses-1_T1w.nii.gz", "ds1/sub-A/ses-2/anat/sub-A_ses-2_T1w.nii.gz",
-              "ds1/sub-A/ses-3/anat/sub-A_ses-3_T1w.nii.gz", "ds1/sub-B/anat/sub-B_T1w.nii.gz"]
-    for seed, relative in enumerate(images):
-        write_image(root / relative, textured(seed=seed))
-    table = tmp_path / "openneuro_metadata.csv"
-    table.write_text("image_path,modality,image_quality_score\n" + "".join(f"{i},T1w,1.0\n" for i in images))
-    run_command(["nnssl_ingest", "-i", root, "-d", 41, "-n", "Subjects", "-np", 1, "--metadata", table])
-    run_command(["nnUNetv2_plan_and_preprocess", "-d", 41, "-pl", "nnsslPlannerTiny", "-c", "3d_fullres", "-np", 1,
-                 "-npfp", 1, "--no_pbar"])
-
-    run_command(["nnUNetv2_train", 41, "3d_fullres", "all", "-tr", "S3DPretrainTrainer", "-p", "nnsslPlansTiny",
-                 "-device", "cpu"], extra_env={**SMOKE_PRETRAINING, "nnssl_seed": "0", "nnssl_sampling": "subject"})
-
-    out = nnunet_dirs["nnUNet_results"] / "Dataset041_Subjects" / "S3DPretrainTrainer__nnsslPlansTiny__3d_fullres" / \
-        "fold_all"
-    log = "".join(path.read_text() for path in out.glob("training_log_*.txt"))
-    metadata = nnunet_dirs["nnUNet_raw"] / "Dataset041_Subjects" / CASE_METADATA_FILE
-    assert (f"nnssl_sampling=subject: 2 subjects, 4 images (training cases, from {metadata}); largest subject "
-            f"ds1/sub-A (3 images): 75.0 % of the draws per image -> 50.0 % subject-balanced") in log, log[-3000:]
-    assert (out / "checkpoint_final.pth").is_file()
