@@ -87,6 +87,7 @@ class nnsslPretrainTrainer(nnsslTrainerMixin, nnUNetTrainer):
             else None
         self.best_val_loss: Optional[float] = None
         self._nonfinite_losses_this_epoch = 0
+        self.case_sampling = sampling_mode()  # a bad value stops the run here, before any work
         self.case_subjects: Optional[CaseSubjects] = None  # set by get_dataloaders under nnssl_sampling=subject
         self.check_plans()
 
@@ -196,7 +197,7 @@ class nnsslPretrainTrainer(nnsslTrainerMixin, nnUNetTrainer):
     def get_dataloaders(self):
         if self.spatial_augmentation_on_device:
             self.device_augmentation = self.build_device_augmentation()
-        if sampling_mode() == "subject":  # every rank reads the same file: the same probabilities everywhere
+        if self.case_sampling == "subject":  # every rank reads the same file: the same probabilities everywhere
             self.case_subjects = CaseSubjects.of_raw_dataset(nnUNet_raw, self.plans_manager.dataset_name)
         return super().get_dataloaders()
 
