@@ -39,6 +39,8 @@ def test_patch_sizes_that_do_not_fit_the_network_are_refused_with_a_fitting_one(
     with pytest.raises(InvalidValueError, match=r"\[50, 32, 40\] .* multiple of the Primus patch embedding "
                                                 r"\[8, 8, 8\], e\.g\. -ps 48 32 40\."):
         check_downstream_patch([50, 32, 40], primus_arch)
+    preset_plan = {**LAYOUTS["mae_primus"].plan(), "architecture_plans": {"arch_class_name": "PrimusM"}}
+    assert nnunet_architecture(preset_plan, [128, 128, 64])["arch_kwargs"]["input_shape"] == [128, 128, 64]
     unet_arch = RESENC_TINY.architecture()
     assert check_downstream_patch([96, 32, 48], unet_arch) == [96, 32, 48]
     for bad in ([96, 40, 48], [0, 32, 48], [96, 32]):
