@@ -42,7 +42,8 @@ def prepare_finetune(dataset_id: int, checkpoint_path: str, plans_name: str = "n
                      adaptation_mode: str = "like_pretrained", override_spacing: Optional[Sequence[float]] = None,
                      num_processes: Optional[int] = None, num_processes_fingerprint: Optional[int] = None,
                      preprocess: bool = True,
-                     verbose: bool = False, patch_size: Optional[Sequence[int]] = None) -> dict:
+                     verbose: bool = False,
+                     patch_size: Optional[Sequence[int]] = None) -> dict:
     """Fingerprint (if needed), plan with ``nnsslFinetunePlanner`` and preprocess ``3d_fullres``; return the plans.
     Process counts left at None are sized to the machine (``default_num_processes``); ``patch_size`` replaces the
     checkpoint's recommended downstream patch."""
@@ -130,7 +131,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     plans = prepare_finetune(args.d, args.checkpoint, args.plans_name, args.adaptation_mode, args.override_spacing,
-                             args.np, args.npfp, not args.no_pp, args.verbose, args.patch_size)
+                             args.np, args.npfp, not args.no_pp, args.verbose,
+                             patch_size=args.patch_size)
     config = plans["configurations"]["3d_fullres"]
     print(f"Plans {plans['plans_name']} written for {plans['dataset_name']}: spacing {config['spacing']}, patch "
           f"{config['patch_size']}, batch {config['batch_size']}. Fine-tune with:\n  nnUNetv2_train "
