@@ -7,6 +7,9 @@ normalisation from its pretraining plan (z-score), the spacing from the adaptati
 * ``default_nnunet``: the spacing nnU-Net's default planner picks for this dataset;
 * ``fixed``: the spacing given with ``-os``;
 * ``no_resample``: no resampling at all (nnU-Net's ``no_resampling_hack``; every case keeps its own grid).
+
+The patch is the checkpoint's recommended downstream patch unless ``patch_size`` (``-ps``) sets another; a Primus is
+then built for that patch (``nnssl.finetuning.downstream_patch``).
 """
 
 import os
@@ -18,6 +21,7 @@ from nnunetv2.preprocessing.resampling.no_resampling import no_resampling_hack
 
 from nnssl.errors import InvalidValueError
 from nnssl.finetuning.adaptation_plan import nnunet_architecture, pretrain_configuration
+from nnssl.finetuning.downstream_patch import check_downstream_patch
 from nnssl.integration.environment import positive_int_from_environment
 from nnssl.plans.nnssl_planner import BATCH_SIZE_VARIABLE, nnsslPlanner
 
@@ -32,7 +36,7 @@ class nnsslFinetunePlanner(nnsslPlanner):
 
     def __init__(self, dataset_name_or_id: Union[str, int], checkpoint_path: str, checkpoint: dict,
                  adaptation_mode: str = "like_pretrained", override_spacing: Optional[Sequence[float]] = None,
-                 plans_name: Optional[str] = None):
+                 plans_name: Optional[str] = None, patch_size: Optional[Sequence[int]] = None):
         if adaptation_mode not in ADAPTATION_MODES:
             raise InvalidValueError(f"Unknown adaptation mode {adaptation_mode!r}; choose one of {ADAPTATION_MODES}.")
         if (adaptation_mode == "fixed") != (override_spacing is not None):
@@ -45,6 +49,8 @@ class nnsslFinetunePlanner(nnsslPlanner):
         self.adaptation_plan = checkpoint["nnssl_adaptation_plan"]
         self.adaptation_mode = adaptation_mode
         self.override_spacing = override_spacing
+        self.downstream_patch = None if patch_size is None else \
+            check_downstream_patch(patch_size, nnunet_architecture(self.adaptation_plan))
 
     def determine_fullres_target_spacing(self) -> np.ndarray:
         if self.adaptation_mode == "fixed":
@@ -74,10 +80,10 @@ class nnsslFinetunePlanner(nnsslPlanner):
         return positive_int_from_environment(BATCH_SIZE_VARIABLE, FINETUNE_BATCH_SIZE)
 
     def patch_size(self) -> List[int]:
-        return [int(i) for i in self.adaptation_plan["recommended_downstream_patchsize"]]
+        return self.downstream_patch or [int(i) for i in self.adaptation_plan["recommended_downstream_patchsize"]]
 
     def architecture(self) -> dict:
-        return nnunet_architecture(self.adaptation_plan)
+        return nnunet_architecture(self.adaptation_plan, self.downstream_patch)
 
     def extra_plans_fields(self) -> dict:
         plan = self.adaptation_plan

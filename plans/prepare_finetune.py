@@ -42,17 +42,24 @@ def prepare_finetune(dataset_id: int, checkpoint_path: str, plans_name: Optional
                      adaptation_mode: Optional[str] = None, override_spacing: Optional[Sequence[float]] = None,
                      num_processes: Optional[int] = None, num_processes_fingerprint: Optional[int] = None,
                      preprocess: bool = True,
-                     verbose: bool = False, architecture: str = "pretrained") -> dict:
+                     verbose: bool = False, architecture: str = "pretrained",
+                     patch_size: Optional[Sequence[int]] = None) -> dict:
     """Fingerprint (if needed), plan with the planner of ``architecture`` and preprocess ``3d_fullres``; return the
     plans. Plans name and adaptation mode left at None are the architecture's defaults (``ARCHITECTURES``), process
-    counts left at None are sized to the machine (``default_num_processes``)."""
+    counts left at None are sized to the machine (``default_num_processes``); ``patch_size`` replaces the
+    checkpoint's recommended downstream patch (``pretrained`` architecture only: ``dynamic`` plans nnU-Net's)."""
     missing = [v for v in NNUNET_FOLDERS[:2] if not os.environ.get(v)]
     if missing:
         raise UserError(f"Environment variable(s) {', '.join(missing)} not set: nnssl_prepare_finetune reads the "
                         f"labeled dataset from nnUNet_raw and writes plans and data to nnUNet_preprocessed.")
     check_labeled(dataset_id)
+    if patch_size is not None and architecture == "dynamic":
+        raise UserError("-ps/--patch_size goes with --architecture pretrained: --architecture dynamic takes nnU-Net's "
+                        "patch for this dataset. Drop -ps, or plan with the checkpoint's architecture.")
     from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset, preprocess_dataset
 
+    from nnssl.finetuning.adaptation_plan import nnunet_architecture
+    from nnssl.finetuning.downstream_patch import check_downstream_patch
     from nnssl.finetuning.transfer import (PretrainedWeightsError, check_weights_match_adaptation_plan,
                                            load_pretrained_checkpoint)
 
@@ -66,12 +73,14 @@ def prepare_finetune(dataset_id: int, checkpoint_path: str, plans_name: Optional
             f"(or by nnssl). {spark}Use a pretraining checkpoint, or plan with nnsslPlanner and nnU-Net's "
             f"-pretrained_weights.")
     check_weights_match_adaptation_plan(checkpoint, checkpoint_path)
+    if patch_size is not None:  # refused before the fingerprint, not after it
+        check_downstream_patch(patch_size, nnunet_architecture(checkpoint["nnssl_adaptation_plan"]))
     num_processes = num_processes or default_num_processes(MAX_DEFAULT_PROCESSES)
     num_processes_fingerprint = num_processes_fingerprint or default_num_processes(MAX_DEFAULT_PROCESSES)
     extract_fingerprint_dataset(dataset_id, num_processes=num_processes_fingerprint, clean=False, verbose=verbose)
     planner_class = finetune_planner_class(architecture)
     planner = planner_class(dataset_id, checkpoint_path, checkpoint, adaptation_mode or ARCHITECTURES[architecture],
-                            override_spacing, plans_name)
+                            override_spacing, plans_name, patch_size)
     plans = planner.plan_experiment()
     if preprocess:
         preprocess_dataset(dataset_id, planner.plans_identifier, ["3d_fullres"], [num_processes], verbose=verbose)
@@ -120,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "stages and kernels), loading every pretrained tensor whose name and shape fit")
     parser.add_argument("-os", "--override_spacing", type=float, nargs=3, default=None, metavar=("X", "Y", "Z"),
                         help="target spacing in mm (nnU-Net axis order) for -am fixed")
+    parser.add_argument("-ps", "--patch_size", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
+                        help="downstream patch size (nnU-Net axis order; default: the checkpoint's recommended "
+                             "downstream patch); each a multiple of the U-Net's total stride or the Primus patch "
+                             "embedding. A Primus's positional embedding is resampled to the new token grid")
     parser.add_argument("-np", type=int, default=cores, metavar="N",
                         help=f"processes for preprocessing (default: min({MAX_DEFAULT_PROCESSES}, cores) = "
                              f"%(default)s on this machine)")
@@ -144,7 +157,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     plans = prepare_finetune(args.d, args.checkpoint, args.plans_name, args.adaptation_mode, args.override_spacing,
-                             args.np, args.npfp, not args.no_pp, args.verbose, args.architecture)
+                             args.np, args.npfp, not args.no_pp, args.verbose, args.architecture, args.patch_size)
     config = plans["configurations"]["3d_fullres"]
     print(f"Plans {plans['plans_name']} written for {plans['dataset_name']}: spacing {config['spacing']}, patch "
           f"{config['patch_size']}, batch {config['batch_size']}. Fine-tune with:\n  nnUNetv2_train "

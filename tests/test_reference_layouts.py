@@ -3,8 +3,10 @@ layout maps onto the downstream network's stem and encoder, drops its pretrainin
 anything unknown is refused by name. Fixtures: tests/reference_checkpoints.py (tiny presets)."""
 
 import json
+import shutil
 
 import pytest
+import SimpleITK as sitk
 import torch
 
 from conftest import run_command, write_labeled_dataset
@@ -180,28 +182,42 @@ def test_check_at_planning_time_uses_the_layout_mapping():
         assert report.loaded["encoder"] > 5
 
 
-@pytest.mark.parametrize("name, dataset_id", [("voco_resenc", 82), ("voco_primus", 83)])
-def test_reference_checkpoint_through_prepare_finetune_and_nnunetv2_train(name, dataset_id, nnunet_dirs, tmp_path):
+@pytest.mark.parametrize("name, dataset_id, patch", [("voco_resenc", 82, [32, 48, 64]),
+                                                     ("voco_primus", 83, [48, 32, 40])])
+def test_reference_checkpoint_through_prepare_finetune_and_nnunetv2_train(name, dataset_id, patch, nnunet_dirs,
+                                                                          tmp_path):
     """A contrastive ResEnc and a contrastive Primus checkpoint (renamed encoder, resampled positional embedding)
-    through the user's commands: nnssl_prepare_finetune, then one epoch of nnsslFinetuneTrainer."""
+    through the user's commands at a downstream patch of the user's (-ps): nnssl_prepare_finetune, one epoch of
+    nnsslFinetuneTrainer, and for the Primus (built for the new patch) nnUNetv2_predict."""
     checkpoint = tmp_path / f"{name}.pth"
     torch.save(LAYOUTS[name].checkpoint(), checkpoint)
-    write_labeled_dataset(nnunet_dirs["nnUNet_raw"], dataset_id, "RefDown", shapes=[(36, 40, 38)] * 2,
-                          spacings=[(1.0, 1.0, 1.0)] * 2)
-    run_command(["nnssl_prepare_finetune", "-d", dataset_id, "-c", checkpoint, "-np", 1, "-npfp", 1])
+    folder = write_labeled_dataset(nnunet_dirs["nnUNet_raw"], dataset_id, "RefDown", shapes=[(36, 40, 38)] * 2,
+                                   spacings=[(1.0, 1.0, 1.0)] * 2)
+    run_command(["nnssl_prepare_finetune", "-d", dataset_id, "-c", checkpoint, "-ps", *patch, "-np", 1, "-npfp", 1])
     dataset = f"Dataset{dataset_id:03d}_RefDown"
     plans = json.loads((nnunet_dirs["nnUNet_preprocessed"] / dataset / "nnsslFinetunePlans.json").read_text())
     assert plans["nnssl_pretrained"]["trainer_name"] == LAYOUTS[name].trainer_name
+    assert plans["configurations"]["3d_fullres"]["patch_size"] == patch
     run_command(["nnUNetv2_train", dataset_id, "3d_fullres", "all", "-tr", "nnsslFinetuneTrainer", "-p",
                  "nnsslFinetunePlans", "-device", "cpu"], extra_env=SMOKE_1)
-    folder = nnunet_dirs["nnUNet_results"] / dataset / "nnsslFinetuneTrainer__nnsslFinetunePlans__3d_fullres" / \
-        "fold_all"
-    log = "".join(p.read_text() for p in folder.glob("training_log_*.txt"))
+    folder_out = nnunet_dirs["nnUNet_results"] / dataset / "nnsslFinetuneTrainer__nnsslFinetunePlans__3d_fullres"
+    log = "".join(p.read_text() for p in (folder_out / "fold_all").glob("training_log_*.txt"))
     network = downstream_network(LAYOUTS[name].plan())
     encoder_tensors = len({v.data_ptr() for v in network.get_submodule(network.key_to_encoder).state_dict().values()})
     assert f"loaded {encoder_tensors} tensors into the encoder" in log, log[-3000:]
     assert "skipped 6 checkpoint tensors: projector.* (contrastive projection head" in log
-    if name == "voco_primus":
-        assert "renamed encoder.eva.* -> eva.*" in log
-        assert "eva.pos_embed: resampled (1, 64, 96) -> (1, 512, 96) (pretraining patch [32, 32, 32]" in log
     assert "Training done." in log
+    if name == "voco_resenc":
+        return
+    assert plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["input_shape"] == patch
+    assert "renamed encoder.eva.* -> eva.*" in log
+    assert ("eva.pos_embed: resampled (1, 64, 96) -> (1, 120, 96) (pretraining patch [32, 32, 32] -> downstream "
+            "patch [48, 32, 40], token grid [4, 4, 4] -> [6, 4, 5], trilinear)") in log
+    images = tmp_path / "predict_in"
+    images.mkdir()
+    shutil.copy(folder / "imagesTr" / "case001_0000.nii.gz", images)
+    run_command(["nnUNetv2_predict", "-i", images, "-o", tmp_path / "predict_out", "-d", dataset_id, "-c",
+                 "3d_fullres", "-f", "all", "-tr", "nnsslFinetuneTrainer", "-p", "nnsslFinetunePlans", "-chk",
+                 "checkpoint_final.pth", "-device", "cpu", "--disable_tta", "-npp", 0, "-nps", 0])
+    segmentation = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "predict_out" / "case001.nii.gz")))
+    assert segmentation.shape == (36, 40, 38) and set(segmentation.ravel().tolist()) <= {0, 1}

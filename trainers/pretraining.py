@@ -10,6 +10,7 @@ the loss of a batch (``compute_loss``) and which weights are transferable
 * validation = the pretraining loss on held-out patches; ``checkpoint_best.pth`` = lowest validation loss; no
   segmentation validation after training;
 * a bounded number of non-finite losses per epoch, then a clear error;
+* per-image or subject-balanced case sampling (``nnssl_sampling``, ``nnssl.integration.subject_sampling``);
 * checkpoints that nnU-Net can resume (``--c``) and that downstream code can consume: ``network_weights`` holds the
   plain dna state dict, ``nnssl_adaptation_plan`` and ``citations`` are added, the full pretraining model (tokens,
   heads) is kept under ``nnssl_pretraining_weights`` for resuming.
@@ -24,6 +25,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 from torch import nn
+from nnunetv2.paths import nnUNet_raw
 from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
@@ -41,6 +43,7 @@ from nnssl.integration.distributed import gather_from_all_ranks
 from nnssl.integration.pretraining_loader import PretrainingDataLoader
 from nnssl.integration.run_state import RUN_STATE_KEY
 from nnssl.integration.seeding import DEVICE_AUGMENTATION_STREAM, seeded_stream
+from nnssl.integration.subject_sampling import CaseSubjects, sampling_mode
 from nnssl.lr_schedule import EpochLRScheduler
 from nnssl.methods.recipe import PRETRAIN_RECIPE, PretrainRecipe
 from nnssl.optimizer import recipe_optimizer
@@ -84,6 +87,8 @@ class nnsslPretrainTrainer(nnsslTrainerMixin, nnUNetTrainer):
             else None
         self.best_val_loss: Optional[float] = None
         self._nonfinite_losses_this_epoch = 0
+        self.case_sampling = sampling_mode()  # a bad value stops the run here, before any work
+        self.case_subjects: Optional[CaseSubjects] = None  # set by get_dataloaders under nnssl_sampling=subject
         self.check_plans()
 
     # ----------------------------------------------------------------------------------------- what subclasses provide
@@ -187,12 +192,20 @@ class nnsslPretrainTrainer(nnsslTrainerMixin, nnUNetTrainer):
     def data_loader_class(self):
         """What ``get_dataloaders`` builds in place of ``nnUNetDataLoader`` (same arguments)."""
         return partial(PretrainingDataLoader, read_region_map=self.needs_region_map,
-                       shared_batches=get_allowed_n_proc_DA() > 0)
+                       shared_batches=get_allowed_n_proc_DA() > 0, case_subjects=self.case_subjects)
 
     def get_dataloaders(self):
         if self.spatial_augmentation_on_device:
             self.device_augmentation = self.build_device_augmentation()
+        if self.case_sampling == "subject":  # every rank reads the same file: the same probabilities everywhere
+            self.case_subjects = CaseSubjects.of_raw_dataset(nnUNet_raw, self.plans_manager.dataset_name)
         return super().get_dataloaders()
+
+    def get_tr_and_val_datasets(self):
+        datasets = super().get_tr_and_val_datasets()
+        if self.case_subjects is not None:
+            self.print_to_log_file(self.case_subjects.summary(datasets[0].identifiers))
+        return datasets
 
     def random_generators(self) -> Dict[str, torch.Generator]:
         if not self.spatial_augmentation_on_device:

@@ -13,7 +13,7 @@ reading, the published presets are accepted too.
 """
 
 import copy
-from typing import Sequence
+from typing import Optional, Sequence
 
 from nnssl import presets
 from nnssl.errors import InvalidValueError
@@ -54,19 +54,24 @@ def architecture_plans(architecture: dict) -> dict:
     }
 
 
-def nnunet_architecture(adaptation_plan: dict) -> dict:
+def nnunet_architecture(adaptation_plan: dict, patch_size: Optional[Sequence[int]] = None) -> dict:
     """The nnU-Net plans ``architecture`` block that rebuilds the pretrained network (inverse of the above).
 
-    A Primus is rebuilt for the recommended downstream patch (its positional embedding is sized for one patch)."""
+    A Primus is built for one patch (its positional embedding has one token per patch cube): ``patch_size`` when
+    given (a downstream patch of the user's), else the recommended downstream patch (presets) or the one it was
+    built for (the dynamic form). A U-Net's block does not depend on the patch."""
     arch = adaptation_plan["architecture_plans"]
     name = arch["arch_class_name"]
     if name in PRESET_NAMES:
         return getattr(presets, PRESET_NAMES[name]).architecture()
     if name in PRIMUS_PRESET_NAMES:
         preset = getattr(presets, PRIMUS_PRESET_NAMES[name])
-        return preset.architecture(adaptation_plan["recommended_downstream_patchsize"])
+        return preset.architecture(patch_size or adaptation_plan["recommended_downstream_patchsize"])
     if name == "Primus" and arch.get("arch_kwargs"):
-        return {"network_class_name": presets.PRIMUS_CLASS, "arch_kwargs": copy.deepcopy(arch["arch_kwargs"]),
+        kwargs = copy.deepcopy(arch["arch_kwargs"])
+        if patch_size is not None:
+            kwargs["input_shape"] = [int(p) for p in patch_size]
+        return {"network_class_name": presets.PRIMUS_CLASS, "arch_kwargs": kwargs,
                 "_kw_requires_import": list(arch.get("arch_kwargs_requiring_import") or [])}
     if name not in ("ResidualEncoderUNet", "PlainConvUNet") or not arch.get("arch_kwargs"):
         raise InvalidValueError(f"Unsupported pretrained architecture {name!r} in the adaptation plan: nnssl "

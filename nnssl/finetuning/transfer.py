@@ -141,10 +141,11 @@ def transfer_pretrained_weights(network: nn.Module, network_weights: Dict[str, t
         resampled = resampled_lpe(value, tensor, adaptation_plan, pretrained, in_proj, patch_size, source) \
             if key == lpe and value.shape != tensor.shape else None
         if resampled is not None:
-            value = resampled
+            value, (source_grid, target_grid) = resampled
             report.adapted.append(f"{key}: resampled {tuple(pretrained[key].shape)} -> {tuple(tensor.shape)} "
                                   f"(pretraining patch {list(pretrain_patch_size(adaptation_plan))} -> downstream "
-                                  f"patch {list(patch_size)}, trilinear)")
+                                  f"patch {list(patch_size)}, token grid {list(source_grid)} -> {list(target_grid)}, "
+                                  f"trilinear)")
         if value.shape != tensor.shape:
             problems.append(f"  {key}: {source} {tuple(value.shape)} vs network {tuple(tensor.shape)}")
             continue
@@ -180,9 +181,11 @@ def pretrain_patch_size(adaptation_plan: dict) -> Optional[List[int]]:
 
 
 def resampled_lpe(value: torch.Tensor, tensor: torch.Tensor, adaptation_plan: dict, pretrained: dict,
-                  in_proj: set, patch_size: Optional[Sequence[int]], source: str) -> Optional[torch.Tensor]:
-    """The checkpoint's positional embedding on the network's token grid, or None (then reported as a shape
-    mismatch) when the grids cannot be told from the plan and the patch embedding."""
+                  in_proj: set, patch_size: Optional[Sequence[int]], source: str
+                  ) -> Optional[Tuple[torch.Tensor, Tuple[Tuple[int, ...], Tuple[int, ...]]]]:
+    """The checkpoint's positional embedding on the network's token grid with (pretraining grid, network grid),
+    or None (then reported as a shape mismatch) when the grids cannot be told from the plan and the patch
+    embedding."""
     source_patch = pretrain_patch_size(adaptation_plan)
     kernel = next((pretrained[k].shape[2:] for k in in_proj if k in pretrained), None)
     if source_patch is None or patch_size is None or kernel is None or value.shape[-1] != tensor.shape[-1]:
@@ -193,7 +196,7 @@ def resampled_lpe(value: torch.Tensor, tensor: torch.Tensor, adaptation_plan: di
             f"{source}: the positional embedding {tuple(value.shape)} does not fit the pretraining patch "
             f"{source_patch} (token grid {list(source_grid)}), so it cannot be resampled to the network's "
             f"{tuple(tensor.shape)}. Check pretrain_plan's patch_size in the checkpoint's nnssl_adaptation_plan.")
-    return resample_positional_embedding(value, source_grid, target_grid)
+    return resample_positional_embedding(value, source_grid, target_grid), (source_grid, target_grid)
 
 
 def check_weights_match_adaptation_plan(checkpoint: dict, source: str) -> TransferReport:

@@ -10,19 +10,22 @@ cases and crop boxes exactly as ``nnUNetDataLoader`` (its ``get_indices`` and ``
 * reads the region map only with ``read_region_map=True``; otherwise the transforms see no ``segmentation`` and the
   batch's ``target`` is whatever they put there (Models Genesis: the clean patch; VoCo: overlaps), or None;
 * skips a case it cannot read (another case takes its place) and reports it in the batch under
-  ``nnssl.integration.unreadable_cases.BATCH_KEY``: the trainer decides whether the run goes on.
+  ``nnssl.integration.unreadable_cases.BATCH_KEY``: the trainer decides whether the run goes on;
+* with ``case_subjects``, draws cases subject-balanced (``nnssl.integration.subject_sampling``) through nnU-Net's
+  own ``sampling_probabilities``.
 """
 
 from __future__ import annotations
 
 import math
-from typing import List, Sequence, Set, Tuple
+from typing import List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import torch
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from threadpoolctl import threadpool_limits
 
+from nnssl.integration.subject_sampling import CaseSubjects
 from nnssl.integration.unreadable_cases import BATCH_KEY, UnreadableCaseError, unreadable_report
 
 IMAGE_PAD_VALUE = 0
@@ -59,10 +62,13 @@ def crop_into(out: torch.Tensor, array, bbox: Sequence[Sequence[int]], pad_value
 class PretrainingDataLoader(nnUNetDataLoader):
     """``nnUNetDataLoader`` without the region map unless ``read_region_map`` (3D, no cascade)."""
 
-    def __init__(self, *args, read_region_map: bool = True, shared_batches: bool = True, **kwargs) -> None:
+    def __init__(self, *args, read_region_map: bool = True, shared_batches: bool = True,
+                 case_subjects: Optional[CaseSubjects] = None, **kwargs) -> None:
         """``shared_batches``: batches of read patches in shared memory (for worker processes to hand over; a
-        training without workers does not need shared memory)."""
+        training without workers does not need shared memory). ``case_subjects``: draw subject-balanced."""
         super().__init__(*args, **kwargs)
+        if case_subjects is not None:  # aligned with this loader's cases, which np.random.choice draws from
+            self.sampling_probabilities = case_subjects.probabilities(self.indices)
         if self.patch_size_was_2d:
             raise ValueError("PretrainingDataLoader reads 3D patches only.")
         self.read_region_map = read_region_map
