@@ -7,7 +7,7 @@ import sys
 from functools import partial
 from typing import List, Optional, Sequence
 
-from nnssl.errors import UserError
+from nnssl.errors import PretrainedWeightsError, UserError
 from nnssl.integration.user_errors import run_user_command
 from nnssl.processes import default_num_processes
 
@@ -38,25 +38,8 @@ def check_labeled(dataset_id: int) -> str:
     return names[0]
 
 
-def prepare_finetune(dataset_id: int, checkpoint_path: str, plans_name: str = "nnsslFinetunePlans",
-                     adaptation_mode: str = "like_pretrained", override_spacing: Optional[Sequence[float]] = None,
-                     num_processes: Optional[int] = None, num_processes_fingerprint: Optional[int] = None,
-                     preprocess: bool = True,
-                     verbose: bool = False) -> dict:
-    """Fingerprint (if needed), plan with ``nnsslFinetunePlanner`` and preprocess ``3d_fullres``; return the plans.
-    Process counts left at None are sized to the machine (``default_num_processes``)."""
-    missing = [v for v in NNUNET_FOLDERS[:2] if not os.environ.get(v)]
-    if missing:
-        raise UserError(f"Environment variable(s) {', '.join(missing)} not set: nnssl_prepare_finetune reads the "
-                        f"labeled dataset from nnUNet_raw and writes plans and data to nnUNet_preprocessed.")
-    check_labeled(dataset_id)
-    from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset, preprocess_dataset
-
-    from nnssl.plans.finetune_planner import nnsslFinetunePlanner
-    from nnssl.finetuning.transfer import (PretrainedWeightsError, check_weights_match_adaptation_plan,
-                                           load_pretrained_checkpoint)
-
-    checkpoint = load_pretrained_checkpoint(checkpoint_path)
+def require_adaptation_plan(checkpoint: dict, checkpoint_path: str) -> dict:
+    """The checkpoint's ``nnssl_adaptation_plan``; an error saying where to get one when it has none."""
     if "nnssl_adaptation_plan" not in checkpoint:
         spark = ("The reference's Spark trainers save none: add it with the reference's "
                  "'python -m nnssl.utilities.add_adaptation_plan' (its -arch ResEncL defaults), then pass that "
@@ -65,6 +48,31 @@ def prepare_finetune(dataset_id: int, checkpoint_path: str, plans_name: str = "n
             f"{checkpoint_path} has no 'nnssl_adaptation_plan': it was not written by an nnssl pretraining trainer "
             f"(or by nnssl). {spark}Use a pretraining checkpoint, or plan with nnsslPlanner and nnU-Net's "
             f"-pretrained_weights.")
+    return checkpoint["nnssl_adaptation_plan"]
+
+
+def prepare_finetune(dataset_id: int, checkpoint_path: str, plans_name: str = "nnsslFinetunePlans",
+                     adaptation_mode: str = "like_pretrained", override_spacing: Optional[Sequence[float]] = None,
+                     num_processes: Optional[int] = None, num_processes_fingerprint: Optional[int] = None,
+                     preprocess: bool = True,
+                     verbose: bool = False, checkpoint: Optional[dict] = None) -> dict:
+    """Fingerprint (if needed), plan with ``nnsslFinetunePlanner`` and preprocess ``3d_fullres``; return the plans.
+    Process counts left at None are sized to the machine (``default_num_processes``). ``checkpoint``: the
+    checkpoint's content when the caller has it in memory (a pretraining run planning for its own future
+    ``checkpoint_path``)."""
+    missing = [v for v in NNUNET_FOLDERS[:2] if not os.environ.get(v)]
+    if missing:
+        raise UserError(f"Environment variable(s) {', '.join(missing)} not set: nnssl_prepare_finetune reads the "
+                        f"labeled dataset from nnUNet_raw and writes plans and data to nnUNet_preprocessed.")
+    check_labeled(dataset_id)
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset, preprocess_dataset
+
+    from nnssl.plans.finetune_planner import nnsslFinetunePlanner
+    from nnssl.finetuning.transfer import check_weights_match_adaptation_plan, load_pretrained_checkpoint
+
+    if checkpoint is None:
+        checkpoint = load_pretrained_checkpoint(checkpoint_path)
+    require_adaptation_plan(checkpoint, checkpoint_path)
     check_weights_match_adaptation_plan(checkpoint, checkpoint_path)
     num_processes = num_processes or default_num_processes(MAX_DEFAULT_PROCESSES)
     num_processes_fingerprint = num_processes_fingerprint or default_num_processes(MAX_DEFAULT_PROCESSES)

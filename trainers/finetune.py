@@ -27,7 +27,8 @@ from nnssl.integration.patching import replaced_attribute
 from nnssl.finetuning.augmentation import spatial_only_training_transforms
 from nnssl.finetuning.recipe import DEFAULT_RECIPE, PAPER_RECIPE, PRIMUS_RECIPE, FinetuneRecipe
 from nnssl.finetuning.schedule import FinetuneSchedule
-from nnssl.finetuning.transfer import PretrainedWeightsError, load_pretrained_checkpoint, transfer_pretrained_weights
+from nnssl.finetuning.transfer import (PretrainedWeightsError, check_same_family, load_pretrained_checkpoint,
+                                      transfer_pretrained_weights)
 from nnssl.optimizer import recipe_optimizer
 from nnssl.trainers.base import nnsslTrainerMixin
 from nnssl.trainers.pretraining import freeze_unused_deep_supervision_heads
@@ -161,7 +162,8 @@ class nnsslFinetuneTrainer(nnsslTrainerMixin, nnUNetTrainer):
                 f" For training from scratch with the same recipe use nnsslFinetuneTrainer_scratch.")
         checkpoint = load_pretrained_checkpoint(path)
         plan = checkpoint.get("nnssl_adaptation_plan") or self.plans_manager.plans.get("nnssl_pretrained") or {}
-        self._check_same_family(plan, path)
+        check_same_family(plan, self.configuration_manager.network_arch_class_name, self.plans_manager.plans_name,
+                          path)
         report = transfer_pretrained_weights(unwrap(self.network), checkpoint["network_weights"], plan,
                                              self.recipe.transfer_parts, source=os.path.basename(path),
                                              patch_size=self.configuration_manager.patch_size)
@@ -172,19 +174,6 @@ class nnsslFinetuneTrainer(nnsslTrainerMixin, nnUNetTrainer):
                       *citations.checkpoint_entries([citations.PRIMUS if is_primus_plan(plan) else citations.S3D,
                                                      citations.NNUNET])]
         self.print_to_log_file("Please cite:\n  " + "\n  ".join(citations.apa_lines(references)))
-
-    def _check_same_family(self, adaptation_plan: dict, path: str) -> None:
-        """A Primus checkpoint needs Primus plans and a U-Net checkpoint U-Net plans (said before any key error)."""
-        if "architecture_plans" not in adaptation_plan:
-            return
-        checkpoint_primus = is_primus_plan(adaptation_plan)
-        if checkpoint_primus != is_primus(self.configuration_manager.network_arch_class_name):
-            kind = "a Primus (transformer)" if checkpoint_primus else "a U-Net (CNN)"
-            raise PretrainedWeightsError(
-                f"{path} is {kind} checkpoint ({adaptation_plan['architecture_plans']['arch_class_name']}), but the "
-                f"plans {self.plans_manager.plans_name} build "
-                f"{self.configuration_manager.network_arch_class_name.rsplit('.', 1)[-1]}. Plan the dataset for this "
-                f"checkpoint with 'nnssl_prepare_finetune -d ID -c {path}' and train with its plans.")
 
 
 _CLIP_GRAD_NORM = torch.nn.utils.clip_grad_norm_
