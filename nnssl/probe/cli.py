@@ -30,13 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="plans of the labeled dataset (default: %(default)s, nnssl_prepare_finetune's)")
     parser.add_argument("-device", default="cuda", choices=["cpu", "cuda"],
                         help="device to run on (default: %(default)s, as nnUNetv2_train)")
-    parser.add_argument("-i", "--iterations", type=int, default=DEFAULTS.iterations,
+    parser.add_argument("-i", "--iterations", type=int, default=DEFAULTS.iterations, metavar="N",
                         help="head updates per arm (default: %(default)s)")
-    parser.add_argument("-b", "--batch_size", type=int, default=DEFAULTS.batch_size,
+    parser.add_argument("-b", "--batch_size", type=int, default=DEFAULTS.batch_size, metavar="N",
                         help="patches per update (default: %(default)s)")
-    parser.add_argument("--lr", type=float, default=DEFAULTS.learning_rate,
+    parser.add_argument("--lr", type=float, default=DEFAULTS.learning_rate, metavar="LR",
                         help="AdamW learning rate of the head (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=DEFAULTS.seed,
+    parser.add_argument("--seed", type=int, default=DEFAULTS.seed, metavar="N",
                         help="seed of the network initialisation, head and patch sampling (default: %(default)s)")
     parser.add_argument("-o", "--output", default=None, metavar="JSON",
                         help="where to write every number (default: CHECKPOINT's folder, "
