@@ -124,3 +124,17 @@ def test_the_split_is_splits_final_fold_0_else_nnunets_seeded_fold_0_else_the_la
         (["a"], ["b", "c"])
     with pytest.raises(UserError, match="at least 2 labeled cases"):
         probe_split(["a"], str(tmp_path / "none.json"))
+
+
+def test_progress_figure_draws_the_probe_dice_and_its_floor_beside_the_loss():
+    from nnssl.methods.progress_figure import progress_figure
+
+    logged = {"train_losses": [0.9, 0.7], "val_losses": [0.95, 0.8], "lrs": [1e-2, 9e-3],
+              "epoch_start_timestamps": [0.0, 10.0], "epoch_end_timestamps": [9.0, 19.5]}
+    figure = progress_figure(logged, {1: 0.55, 0: 0.4}, 0.3)
+    assert [axis.get_ylabel() for axis in figure.axes] == ["loss", "time [s]", "learning rate",
+                                                          "probe Dice (held-out)"]
+    dice, floor = figure.axes[3].get_lines()
+    assert (list(dice.get_xdata()), list(dice.get_ydata())) == ([0, 1], [0.4, 0.55])
+    assert list(floor.get_ydata()) == [0.3, 0.3]
+    assert [axis.get_ylabel() for axis in progress_figure(logged).axes] == ["loss", "time [s]", "learning rate"]
