@@ -7,7 +7,7 @@ import sys
 from functools import partial
 from typing import List, Optional, Sequence
 
-from nnssl.errors import UserError
+from nnssl.errors import PretrainedWeightsError, UserError
 from nnssl.integration.user_errors import run_user_command
 from nnssl.processes import default_num_processes
 
@@ -38,16 +38,31 @@ def check_labeled(dataset_id: int) -> str:
     return names[0]
 
 
+def require_adaptation_plan(checkpoint: dict, checkpoint_path: str) -> dict:
+    """The checkpoint's ``nnssl_adaptation_plan``; an error saying where to get one when it has none."""
+    if "nnssl_adaptation_plan" not in checkpoint:
+        spark = ("The reference's Spark trainers save none: add it with the reference's "
+                 "'python -m nnssl.utilities.add_adaptation_plan' (its -arch ResEncL defaults), then pass that "
+                 "checkpoint. ") if "spark_weights" in checkpoint else ""
+        raise PretrainedWeightsError(
+            f"{checkpoint_path} has no 'nnssl_adaptation_plan': it was not written by an nnssl pretraining trainer "
+            f"(or by nnssl). {spark}Use a pretraining checkpoint, or plan with nnsslPlanner and nnU-Net's "
+            f"-pretrained_weights.")
+    return checkpoint["nnssl_adaptation_plan"]
+
+
 def prepare_finetune(dataset_id: int, checkpoint_path: str, plans_name: Optional[str] = None,
                      adaptation_mode: Optional[str] = None, override_spacing: Optional[Sequence[float]] = None,
                      num_processes: Optional[int] = None, num_processes_fingerprint: Optional[int] = None,
                      preprocess: bool = True,
                      verbose: bool = False, architecture: str = "pretrained",
-                     patch_size: Optional[Sequence[int]] = None) -> dict:
+                     patch_size: Optional[Sequence[int]] = None, checkpoint: Optional[dict] = None) -> dict:
     """Fingerprint (if needed), plan with the planner of ``architecture`` and preprocess ``3d_fullres``; return the
     plans. Plans name and adaptation mode left at None are the architecture's defaults (``ARCHITECTURES``), process
     counts left at None are sized to the machine (``default_num_processes``); ``patch_size`` replaces the
-    checkpoint's recommended downstream patch (``pretrained`` architecture only: ``dynamic`` plans nnU-Net's)."""
+    checkpoint's recommended downstream patch (``pretrained`` architecture only: ``dynamic`` plans nnU-Net's).
+    ``checkpoint``: the checkpoint's content when the caller has it in memory (a pretraining run planning for its own
+    future ``checkpoint_path``)."""
     missing = [v for v in NNUNET_FOLDERS[:2] if not os.environ.get(v)]
     if missing:
         raise UserError(f"Environment variable(s) {', '.join(missing)} not set: nnssl_prepare_finetune reads the "
@@ -60,18 +75,11 @@ def prepare_finetune(dataset_id: int, checkpoint_path: str, plans_name: Optional
 
     from nnssl.finetuning.adaptation_plan import nnunet_architecture
     from nnssl.finetuning.downstream_patch import check_downstream_patch
-    from nnssl.finetuning.transfer import (PretrainedWeightsError, check_weights_match_adaptation_plan,
-                                           load_pretrained_checkpoint)
+    from nnssl.finetuning.transfer import check_weights_match_adaptation_plan, load_pretrained_checkpoint
 
-    checkpoint = load_pretrained_checkpoint(checkpoint_path)
-    if "nnssl_adaptation_plan" not in checkpoint:
-        spark = ("The reference's Spark trainers save none: add it with the reference's "
-                 "'python -m nnssl.utilities.add_adaptation_plan' (its -arch ResEncL defaults), then pass that "
-                 "checkpoint. ") if "spark_weights" in checkpoint else ""
-        raise PretrainedWeightsError(
-            f"{checkpoint_path} has no 'nnssl_adaptation_plan': it was not written by an nnssl pretraining trainer "
-            f"(or by nnssl). {spark}Use a pretraining checkpoint, or plan with nnsslPlanner and nnU-Net's "
-            f"-pretrained_weights.")
+    if checkpoint is None:
+        checkpoint = load_pretrained_checkpoint(checkpoint_path)
+    require_adaptation_plan(checkpoint, checkpoint_path)
     check_weights_match_adaptation_plan(checkpoint, checkpoint_path)
     if patch_size is not None:  # refused before the fingerprint, not after it
         check_downstream_patch(patch_size, nnunet_architecture(checkpoint["nnssl_adaptation_plan"]))

@@ -32,7 +32,7 @@ DOCUMENTATION = REPOSITORY / "documentation"
 README = REPOSITORY / "README.md"
 CHANGELOG = REPOSITORY / "CHANGELOG.md"
 # The order the runnable blocks execute in: each document may go on from the state the ones before it left.
-DOCUMENT_ORDER = ("installation.md", "pretraining.md", "finetuning.md", "checkpoints.md", "multi_gpu.md",
+DOCUMENT_ORDER = ("installation.md", "pretraining.md", "finetuning.md", "probe.md", "checkpoints.md", "multi_gpu.md",
                   "long_runs.md", "environment_variables.md", "benchmarks.md", "evidence.md", "troubleshooting.md",
                   "troubleshooting-bad-input.md")
 BLOCK_TIMEOUT_SECONDS = 600

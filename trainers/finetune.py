@@ -28,7 +28,8 @@ from nnssl.finetuning.augmentation import spatial_only_training_transforms
 from nnssl.finetuning.dynamic_transfer import DynamicTransferReport, dynamic_transfer
 from nnssl.finetuning.recipe import DEFAULT_RECIPE, PAPER_RECIPE, PRIMUS_RECIPE, FinetuneRecipe
 from nnssl.finetuning.schedule import FinetuneSchedule
-from nnssl.finetuning.transfer import PretrainedWeightsError, load_pretrained_checkpoint, transfer_pretrained_weights
+from nnssl.finetuning.transfer import (PretrainedWeightsError, check_same_family, load_pretrained_checkpoint,
+                                      transfer_pretrained_weights)
 from nnssl.optimizer import recipe_optimizer
 from nnssl.trainers.base import nnsslTrainerMixin
 from nnssl.trainers.pretraining import freeze_unused_deep_supervision_heads
@@ -162,7 +163,8 @@ class nnsslFinetuneTrainer(nnsslTrainerMixin, nnUNetTrainer):
                 f" For training from scratch with the same recipe use nnsslFinetuneTrainer_scratch.")
         checkpoint = load_pretrained_checkpoint(path)
         plan = checkpoint.get("nnssl_adaptation_plan") or self.plans_manager.plans.get("nnssl_pretrained") or {}
-        self._check_same_family(plan, path)
+        check_same_family(plan, self.configuration_manager.network_arch_class_name, self.plans_manager.plans_name,
+                          path)
         if self.plans_manager.plans.get("nnssl_pretrained", {}).get("architecture") == "dynamic":
             report = self._dynamic_transfer(checkpoint, plan, path)
         else:
@@ -187,19 +189,6 @@ class nnsslFinetuneTrainer(nnsslTrainerMixin, nnUNetTrainer):
                             f"architecture.")
         return dynamic_transfer(unwrap(self.network), checkpoint["network_weights"], adaptation_plan,
                                 source=os.path.basename(path))
-
-    def _check_same_family(self, adaptation_plan: dict, path: str) -> None:
-        """A Primus checkpoint needs Primus plans and a U-Net checkpoint U-Net plans (said before any key error)."""
-        if "architecture_plans" not in adaptation_plan:
-            return
-        checkpoint_primus = is_primus_plan(adaptation_plan)
-        if checkpoint_primus != is_primus(self.configuration_manager.network_arch_class_name):
-            kind = "a Primus (transformer)" if checkpoint_primus else "a U-Net (CNN)"
-            raise PretrainedWeightsError(
-                f"{path} is {kind} checkpoint ({adaptation_plan['architecture_plans']['arch_class_name']}), but the "
-                f"plans {self.plans_manager.plans_name} build "
-                f"{self.configuration_manager.network_arch_class_name.rsplit('.', 1)[-1]}. Plan the dataset for this "
-                f"checkpoint with 'nnssl_prepare_finetune -d ID -c {path}' and train with its plans.")
 
 
 _CLIP_GRAD_NORM = torch.nn.utils.clip_grad_norm_

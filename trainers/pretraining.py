@@ -24,6 +24,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 from nnunetv2.paths import nnUNet_raw
 from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
@@ -49,6 +50,7 @@ from nnssl.methods.recipe import PRETRAIN_RECIPE, PretrainRecipe
 from nnssl.optimizer import recipe_optimizer
 from nnssl.methods.progress_figure import save_progress_png
 from nnssl.methods.reconstruction_figure import save_reconstruction_png
+from nnssl.probe.periodic import CHECKPOINT_KEY as PROBE_KEY, PeriodicProbe, PeriodicProbeConfig, ProbeRecord
 from nnssl.trainers.base import nnsslTrainerMixin
 
 
@@ -89,6 +91,9 @@ class nnsslPretrainTrainer(nnsslTrainerMixin, nnUNetTrainer):
         self._nonfinite_losses_this_epoch = 0
         self.case_sampling = sampling_mode()  # a bad value stops the run here, before any work
         self.case_subjects: Optional[CaseSubjects] = None  # set by get_dataloaders under nnssl_sampling=subject
+        probe_config = PeriodicProbeConfig.from_environment()  # off unless nnssl_probe_dataset is set
+        self.periodic_probe = PeriodicProbe(probe_config, self.plans_manager.plans_name) if probe_config else None
+        self.probe_record: Optional[ProbeRecord] = None
         self.check_plans()
 
     # ----------------------------------------------------------------------------------------- what subclasses provide
@@ -232,6 +237,7 @@ class nnsslPretrainTrainer(nnsslTrainerMixin, nnUNetTrainer):
         super().on_train_start()
         self.print_to_log_file("Please cite:\n  " + "\n  ".join(c.apa for c in self.citations),
                                also_print_to_console=False)
+        self._prepare_periodic_probe()
 
     # ------------------------------------------------------------------------------------------------- steps
     def autocast(self):
@@ -306,6 +312,7 @@ class nnsslPretrainTrainer(nnsslTrainerMixin, nnUNetTrainer):
         epoch_time = (self.logger.get_value("epoch_end_timestamps", step=-1)
                       - self.logger.get_value("epoch_start_timestamps", step=-1))
         self.print_to_log_file(f"Epoch time: {np.round(epoch_time, decimals=2)} s")
+        self._run_periodic_probe(epoch_time)
 
         last_epoch = self.current_epoch == self.num_epochs - 1
         # the figure draws a batch and masks: before the checkpoints, which keep the streams the next epoch continues
@@ -318,8 +325,51 @@ class nnsslPretrainTrainer(nnsslTrainerMixin, nnUNetTrainer):
             self.print_to_log_file(f"New best validation loss: {np.round(val_loss, decimals=5)}")
             self.save_checkpoint(join(self.output_folder, "checkpoint_best.pth"))
         if self.local_rank == 0:
-            save_progress_png(self.logger.get_checkpoint(), self.output_folder)
+            record = self.probe_record
+            save_progress_png(self.logger.get_checkpoint(), self.output_folder,
+                              record.dice if record else None, record.random_dice if record else None)
         self.current_epoch += 1
+
+    # ------------------------------------------------------------------------------------------------- periodic probe
+    def _prepare_periodic_probe(self) -> None:
+        """Rank 0 plans and preprocesses the probe's labeled dataset (unless done before); a resumed run keeps its
+        record when it probes the same dataset with the same settings."""
+        if self.periodic_probe is None:
+            return
+        if self.nnssl_rank == 0:
+            self.print_to_log_file(f"Periodic probe: {self.periodic_probe.config.describe()}")
+            reference = {"network_weights": self.transferable_state_dict(unwrap(self.network)),
+                         "nnssl_adaptation_plan": self.adaptation_plan(), "trainer_name": self.__class__.__name__,
+                         "citations": citations.checkpoint_entries(self.citations)}
+            record = self.periodic_probe.prepare(join(self.output_folder, "checkpoint_final.pth"), reference,
+                                                 self.print_to_log_file, self.device, self.random_generators())
+            restored = self.probe_record
+            if restored is None or (restored.dataset, restored.plans, restored.settings) != \
+                    (record.dataset, record.plans, record.settings):
+                self.probe_record = record
+            self.print_to_log_file(f"Probe on {record.dataset} ({record.plans}): {record.split}")
+        self._wait_for_rank_0()
+
+    def _run_periodic_probe(self, epoch_time: float) -> None:
+        probe = self.periodic_probe
+        if probe is None or not probe.config.due(self.current_epoch, self.num_epochs):
+            return
+        if self.nnssl_rank == 0:
+            record = self.probe_record
+            probe.run(record, self.current_epoch, self.transferable_state_dict(unwrap(self.network)),
+                      self.adaptation_plan(), self.device, self.random_generators())
+            dice, floor = record.dice[self.current_epoch], record.random_dice
+            ratio = f"{dice / floor:.3f}" if floor else "n/a"
+            self.print_to_log_file(f"probe Dice {dice:.4f} (random encoder {floor:.4f}, ratio {ratio}) on "
+                                   f"{record.dataset}; the probe took {record.seconds[self.current_epoch]:.1f} s, "
+                                   f"the epoch {epoch_time:.1f} s")
+        self._wait_for_rank_0()
+
+    def _wait_for_rank_0(self) -> None:
+        """The other ranks wait here while rank 0 probes (the probe must stay shorter than the process group's
+        timeout: its cost is logged)."""
+        if self.is_ddp:
+            dist.barrier()
 
     def _save_reconstruction_png(self) -> None:
         """Every rank draws the figure's batch and masks (random streams shared by the ranks, such as the mask
@@ -358,7 +408,8 @@ class nnsslPretrainTrainer(nnsslTrainerMixin, nnUNetTrainer):
             trainer_name=self.__class__.__name__, inference_allowed_mirroring_axes=self.inference_allowed_mirroring_axes,
             best_val_loss=self.best_val_loss, trainer_state=extra_state, adaptation_plan=self.adaptation_plan(),
             citations=citations.checkpoint_entries(self.citations))
-        save_checkpoint_generation({**checkpoint_dict(checkpoint), RUN_STATE_KEY: run_state}, filename)
+        probe = {PROBE_KEY: self.probe_record.to_dict()} if self.probe_record is not None else {}
+        save_checkpoint_generation({**checkpoint_dict(checkpoint), RUN_STATE_KEY: run_state, **probe}, filename)
 
     def restore_checkpoint(self, checkpoint: dict, source: str) -> None:
         restored = checkpoint_from_dict(checkpoint, source)
@@ -372,3 +423,5 @@ class nnsslPretrainTrainer(nnsslTrainerMixin, nnUNetTrainer):
         if self.grad_scaler is not None and restored.grad_scaler_state is not None:
             self.grad_scaler.load_state_dict(restored.grad_scaler_state)
         self.load_extra_state(restored.trainer_state)
+        probe = checkpoint.get(PROBE_KEY)
+        self.probe_record = ProbeRecord.from_dict(probe) if probe else None

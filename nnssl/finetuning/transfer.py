@@ -23,9 +23,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from nnssl.architectures import transferable_prefixes
+from nnssl.architectures import is_primus, transferable_prefixes
 from nnssl.errors import PretrainedWeightsError
-from nnssl.finetuning.adaptation_plan import KEYS_TO_IN_PROJ, nnunet_architecture, pretrain_configuration
+from nnssl.finetuning.adaptation_plan import (KEYS_TO_IN_PROJ, is_primus_plan, nnunet_architecture,
+                                              pretrain_configuration)
 from nnssl.finetuning.reference_layouts import (dropped_summary, map_onto_network, resample_positional_embedding,
                                                 token_grid)
 
@@ -220,3 +221,16 @@ def check_weights_match_adaptation_plan(checkpoint: dict, source: str) -> Transf
     except PretrainedWeightsError as error:
         raise PretrainedWeightsError(f"{source}: its weights do not match its own nnssl_adaptation_plan "
                                      f"(architecture_plans). {error}") from None
+
+
+def check_same_family(adaptation_plan: dict, network_class_name: str, plans_name: str, path: str) -> None:
+    """A Primus checkpoint needs Primus plans and a U-Net checkpoint U-Net plans (said before any key error)."""
+    if "architecture_plans" not in adaptation_plan:
+        return
+    checkpoint_primus = is_primus_plan(adaptation_plan)
+    if checkpoint_primus != is_primus(network_class_name):
+        kind = "a Primus (transformer)" if checkpoint_primus else "a U-Net (CNN)"
+        raise PretrainedWeightsError(
+            f"{path} is {kind} checkpoint ({adaptation_plan['architecture_plans']['arch_class_name']}), but the "
+            f"plans {plans_name} build {network_class_name.rsplit('.', 1)[-1]}. Plan the dataset for this "
+            f"checkpoint with 'nnssl_prepare_finetune -d ID -c {path}' and train with its plans.")

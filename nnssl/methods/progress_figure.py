@@ -1,8 +1,9 @@
 """``progress.png`` of a pretraining run: nnU-Net's three panels (losses, epoch durations, learning rate) without the
-"pseudo dice" axis, which a pretraining run has nothing to draw on (it scores no segmentation)."""
+"pseudo dice" axis, which a pretraining run has nothing to draw on (it scores no segmentation). With the periodic
+probe on, its Dice per probed epoch (and the random-encoder floor) is drawn on a second axis of the loss panel."""
 
 from os.path import join
-from typing import Dict, List
+from typing import Dict, List, Mapping, Optional
 
 PANELS = (  # (logged keys and their legend labels, y-axis label)
     ((("train_losses", "loss_tr"), ("val_losses", "loss_val")), "loss"),
@@ -21,8 +22,10 @@ def logged_curves(logged: Dict[str, List]) -> Dict[str, List[float]]:
     return curves
 
 
-def progress_figure(logged: Dict[str, List]):
-    """The figure for nnU-Net's logging dictionary (``trainer.logger.get_checkpoint()``)."""
+def progress_figure(logged: Dict[str, List], probe_dice: Optional[Mapping[int, float]] = None,
+                    probe_floor: Optional[float] = None):
+    """The figure for nnU-Net's logging dictionary (``trainer.logger.get_checkpoint()``) and the periodic probe's
+    Dice per epoch."""
     import matplotlib
 
     matplotlib.use("agg")
@@ -38,12 +41,26 @@ def progress_figure(logged: Dict[str, List]):
             axis.set_xlabel("epoch")
             axis.set_ylabel(y_label)
             axis.legend(loc="upper right")
+        if probe_dice:
+            draw_probe(axes[0], probe_dice, probe_floor)
     return figure
 
 
-def save_progress_png(logged: Dict[str, List], output_folder: str) -> None:
+def draw_probe(axis, probe_dice: Mapping[int, float], probe_floor: Optional[float]) -> None:
+    twin = axis.twinx()
+    epochs = sorted(probe_dice)
+    twin.plot(epochs, [probe_dice[e] for e in epochs], "o-", color="tab:green", label="probe Dice", linewidth=2)
+    if probe_floor is not None:
+        twin.axhline(probe_floor, color="tab:green", linestyle="--", label="probe Dice, random encoder")
+    twin.set_ylim(0, 1)
+    twin.set_ylabel("probe Dice (held-out)")
+    twin.legend(loc="upper center")
+
+
+def save_progress_png(logged: Dict[str, List], output_folder: str, probe_dice: Optional[Mapping[int, float]] = None,
+                      probe_floor: Optional[float] = None) -> None:
     import matplotlib.pyplot as plt
 
-    figure = progress_figure(logged)
+    figure = progress_figure(logged, probe_dice, probe_floor)
     figure.savefig(join(output_folder, "progress.png"), dpi=80)
     plt.close(figure)
