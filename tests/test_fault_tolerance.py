@@ -56,6 +56,7 @@ def preempt(command: StartedCommand, when: str, sig: int = signal.SIGUSR1) -> st
 
 
 # ------------------------------------------------------------------------------------------------ single process
+@pytest.mark.slow
 def test_a_preempted_pretraining_resumes_by_itself_into_the_same_run(_shared_tiny_dataset, tmp_path):
     """SIGUSR1 inside an epoch: checkpoint at that iteration, exit 75; the plain rerun of the same command resumes
     and ends with the uninterrupted run's weights and losses. The same run again from a truncated
@@ -102,17 +103,18 @@ def test_a_preempted_pretraining_resumes_by_itself_into_the_same_run(_shared_tin
     assert_same_weights(final_checkpoint(corrupt_folder), reference)
 
 
+@pytest.mark.slow
 def test_a_preempted_finetuning_resumes_across_the_encoder_unfreeze_into_the_same_run(nnunet_dirs, tmp_path):
     """Fine-tuning stopped while the encoder is still frozen (decoder warm-up) and resumed by a plain rerun crosses
     the unfreeze (encoder optimizer state reset there) and ends with the uninterrupted run's weights."""
     prepared_two_channel_dataset(nnunet_dirs, tmp_path)
-    trainer = "nnsslFinetuneTrainer_150ep"  # warm-ups of a third of the run each: the unfreeze is at iteration 8
+    trainer = "nnsslFinetuneTrainer_150ep"  # warm-ups of a third of the run each: the unfreeze is at iteration 4
     train = ["nnUNetv2_train", 41, "3d_fullres", 0, "-tr", trainer, "-p", "nnsslFinetunePlans", "-device", "cpu"]
-    env = {"nnssl_num_epochs": "3", "nnssl_iterations_per_epoch": "8", "nnssl_val_iterations_per_epoch": "1",
+    env = {"nnssl_num_epochs": "3", "nnssl_iterations_per_epoch": "4", "nnssl_val_iterations_per_epoch": "1",
            "nnssl_seed": "0", "nnssl_val_disable_tta": "1"}
     folder = nnunet_dirs["nnUNet_results"] / "Dataset041_Down" / f"{trainer}__nnsslFinetunePlans__3d_fullres" / "fold_0"
     uninterrupted = run_command(train, extra_env=env)
-    assert "Encoder unfrozen at iteration 8" in uninterrupted.stdout
+    assert "Encoder unfrozen at iteration 4" in uninterrupted.stdout
     reference = final_checkpoint(folder)
     shutil.rmtree(folder)
 
@@ -120,7 +122,7 @@ def test_a_preempted_finetuning_resumes_across_the_encoder_unfreeze_into_the_sam
     position = torch.load(folder / "checkpoint_latest.pth", weights_only=False)["nnssl_run_state"]["position"]
     assert position["epoch"] == 0 and "Encoder unfrozen" not in output  # stopped before the unfreeze
     rerun = run_command(train, extra_env=env)
-    assert f"Resumed at epoch 0" in rerun.stdout and "Encoder unfrozen at iteration 8" in rerun.stdout
+    assert f"Resumed at epoch 0" in rerun.stdout and "Encoder unfrozen at iteration 4" in rerun.stdout
     assert_same_weights(final_checkpoint(folder), reference)
 
 
@@ -179,6 +181,7 @@ def assert_both_ranks_finished(output: str, epochs: int) -> None:
     assert lines[0] == lines[1] and lines[0][0] == epochs
 
 
+@pytest.mark.slow
 def test_a_killed_rank_is_restarted_by_torchrun_and_the_run_resumes(_shared_tiny_dataset, tmp_path):
     """``kill -9`` of one rank in epoch 2 under ``--max-restarts 1``: torchrun's new ranks join (no orphaned worker
     holds the dead rank's connections, no stale address from the first attempt), resume from the run's checkpoint
@@ -195,6 +198,7 @@ def test_a_killed_rank_is_restarted_by_torchrun_and_the_run_resumes(_shared_tiny
     assert_both_ranks_finished(output, 4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["rank 1", "torchrun"])
 def test_sigusr1_to_a_two_rank_run_stops_both_ranks_at_one_step_and_the_rerun_finishes(_shared_tiny_dataset,
                                                                                       tmp_path, target):

@@ -75,6 +75,7 @@ def in_process_trainer(monkeypatch, trainer: str, fold: int = 0, **kwargs):
                                  **kwargs)
 
 
+@pytest.mark.slow
 def test_prepare_and_warmup_stages_from_an_nnssl_layout_checkpoint(nnunet_dirs, tmp_path, monkeypatch):
     folder, checkpoint, trained = prepared_two_channel_dataset(nnunet_dirs, tmp_path)
     plans = json.loads((nnunet_dirs["nnUNet_preprocessed"] / folder.name / "nnsslFinetunePlans.json").read_text())
@@ -133,6 +134,7 @@ def test_prepare_and_warmup_stages_from_an_nnssl_layout_checkpoint(nnunet_dirs, 
         {"decoder": expected[2][0], "encoder": expected[2][1]})
 
 
+@pytest.mark.slow
 def test_scratch_twin_log_says_random_init_and_nothing_frozen(nnunet_dirs, tmp_path):
     folder, _, _ = prepared_two_channel_dataset(nnunet_dirs, tmp_path)
     run_command(["nnUNetv2_train", 41, "3d_fullres", 0, "-tr", "nnsslFinetuneTrainer_scratch", "-p",
@@ -177,6 +179,7 @@ def test_bad_checkpoints_give_clear_errors(nnunet_dirs, tmp_path):
     assert not (nnunet_dirs["nnUNet_preprocessed"] / "Dataset042_Bad" / "nnsslFinetunePlans.json").exists()
 
 
+@pytest.mark.slow
 def test_resume_and_validation_restore_their_own_checkpoint_without_the_pretrained_file(nnunet_dirs, tmp_path):
     """The pretrained checkpoint is read once, at the start of a fresh training; ``--c`` and ``--val`` work after it
     has been moved away."""
@@ -216,6 +219,7 @@ def test_adaptation_modes_plan_the_spacing_they_promise(nnunet_dirs, tmp_path):
     assert all(c["architecture"] == tiny_plans_architecture() for c in config.values())
 
 
+@pytest.mark.slow
 def test_recipes_and_smoke_lengths_train_through_the_stock_command(nnunet_dirs, tmp_path, monkeypatch):
     """``_amaes``: AdamW with cosine decay and spatial-only augmentation; ``_encdec``: the decoder transferred too;
     ``_frozen``: the encoder never learns; the default at one epoch of two iterations, too short for its 1 + 1
@@ -265,6 +269,7 @@ def test_recipes_and_smoke_lengths_train_through_the_stock_command(nnunet_dirs, 
     encdec.on_train_end()
 
 
+@pytest.mark.slow
 def test_dynamic_architecture_plans_like_nnunet_and_loads_what_fits(nnunet_dirs, tmp_path):
     """``nnssl_prepare_finetune --architecture dynamic`` on anisotropic data (3 mm slices, 0.8 mm in-plane):
     nnU-Net's ResEnc topology at the checkpoint's widths, then one epoch of ``nnUNetv2_train`` whose log holds the

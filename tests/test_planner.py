@@ -36,6 +36,7 @@ def load_plans(nnunet_dirs, folder: Path, plans_name: str) -> dict:
     return json.loads((nnunet_dirs["nnUNet_preprocessed"] / folder.name / f"{plans_name}.json").read_text())
 
 
+@pytest.mark.slow
 def test_full_preset_is_exactly_resenc_l_whatever_the_dataset(nnunet_dirs):
     raw = nnunet_dirs["nnUNet_raw"]
     small = write_labeled_dataset(raw, 11, "Small", shapes=[(20, 24, 18), (22, 20, 20)],

@@ -2,6 +2,7 @@
 (tiny presets, CPU): each pair pretrains with nnUNetv2_train and on 2 gloo ranks, prepares a downstream dataset and
 fine-tunes (``check_pretraining_pair``); the teacher is saved, resumed exactly and kept in step across ranks."""
 
+import pytest
 import torch
 
 from conftest import SMOKE_PRETRAINING, TINY_DATASET, TINY_DATASET_ID, run_command
@@ -24,6 +25,7 @@ def cites(checkpoint: dict, *titles: str) -> bool:
     return all(any(title in line for line in lines) for title in titles)
 
 
+@pytest.mark.slow
 def test_primus_voco_embeds_crops_with_a_primus_built_at_the_crop_size(tiny_pretraining_dataset, tmp_path):
     checkpoint = check_pretraining_pair(tiny_pretraining_dataset, "PrimusVoCoPretrainTrainer", "primus", tmp_path)
     at_crop = primus_at([32, 32, 32])
@@ -38,6 +40,7 @@ def test_primus_voco_embeds_crops_with_a_primus_built_at_the_crop_size(tiny_pret
     assert cites(checkpoint, "Primus: Enforcing Attention", "VoCo")
 
 
+@pytest.mark.slow
 def test_primus_volume_fusion_and_models_genesis_export_the_whole_primus(tiny_pretraining_dataset, tmp_path):
     for trainer, outputs, title in (("PrimusVolumeFusionPretrainTrainer", 5, "MIS-FM"),
                                     ("PrimusModelsGenesisPretrainTrainer", 1, "Models Genesis")):
@@ -50,6 +53,7 @@ def test_primus_volume_fusion_and_models_genesis_export_the_whole_primus(tiny_pr
         assert cites(checkpoint, "Primus: Enforcing Attention", title)
 
 
+@pytest.mark.slow
 def test_voco_teacher_follows_the_student_and_is_resumed_exactly(tiny_pretraining_dataset, tmp_path):
     trainer = "VoCoPretrainTrainer_momentum"
     out = tiny_pretraining_dataset["nnUNet_results"] / TINY_DATASET / f"{trainer}__nnsslPlansTiny__3d_fullres" / \

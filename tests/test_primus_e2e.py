@@ -2,6 +2,7 @@
 resume, nnssl_prepare_finetune, fine-tuning (pretrained and scratch), nnUNetv2_predict, the refusals, and DDP
 (``nnssl_train`` under torchrun, 2 ranks, gloo)."""
 
+import pytest
 import json
 import shutil
 
@@ -37,6 +38,7 @@ def plan_primus_pretraining_dataset(nnunet_dirs) -> None:
                  "-np", 1, "-npfp", 1, "--no_pbar"])
 
 
+@pytest.mark.slow
 def test_primus_pretrain_resume_prepare_finetune_predict(nnunet_dirs, tmp_path):
     plan_primus_pretraining_dataset(nnunet_dirs)
     plans = json.loads((nnunet_dirs["nnUNet_preprocessed"] / PRE / "nnsslPlansPrimusTiny.json").read_text())
@@ -146,6 +148,7 @@ def test_primus_trainer_refuses_resenc_plans(tiny_pretraining_dataset):
             "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet") in result.stderr
 
 
+@pytest.mark.slow
 def test_primus_mae_under_ddp_keeps_the_ranks_in_sync(nnunet_dirs):
     """2 ranks (batch 1 each): identical weights on both ranks after training (every parameter gets a gradient,
     as nnU-Net's DDP wrapper with find_unused_parameters=False requires), one mask ratio stream, own patterns."""

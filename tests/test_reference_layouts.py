@@ -184,6 +184,7 @@ def test_check_at_planning_time_uses_the_layout_mapping():
 
 @pytest.mark.parametrize("name, dataset_id, patch", [("voco_resenc", 82, [32, 48, 64]),
                                                      ("voco_primus", 83, [48, 32, 40])])
+@pytest.mark.slow
 def test_reference_checkpoint_through_prepare_finetune_and_nnunetv2_train(name, dataset_id, patch, nnunet_dirs,
                                                                           tmp_path):
     """A contrastive ResEnc and a contrastive Primus checkpoint (renamed encoder, resampled positional embedding)

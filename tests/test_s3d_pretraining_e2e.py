@@ -1,5 +1,6 @@
 """S3DPretrainTrainer through the stock nnUNetv2_train on the tiny preset (CPU): checkpoints, resume, figures."""
 
+import pytest
 import os
 import signal
 import subprocess
@@ -52,6 +53,7 @@ def test_s3d_pretraining_writes_transferable_checkpoint_and_resumes(tiny_pretrai
     assert resumed["nnssl_trainer_state"]["mask_sampler"] != checkpoint["nnssl_trainer_state"]["mask_sampler"]
 
 
+@pytest.mark.slow
 def test_s3d_pretraining_resumes_after_a_kill_mid_epoch(tiny_pretraining_dataset):
     env = {**os.environ, "nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "1", "nnssl_num_epochs": "3",
            "nnssl_iterations_per_epoch": "4", "nnssl_val_iterations_per_epoch": "1"}

@@ -24,6 +24,7 @@ def loss_curve(dirs, tmp_path, trainer: str, seed: str, run: str, workers: str) 
     return tuple(logging["train_losses"]), tuple(logging["val_losses"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("trainer, workers", [("nnsslTrainer", "2"), ("S3DPretrainTrainer", "0")])
 def test_same_seed_same_loss_curve(tiny_pretraining_dataset, tmp_path, trainer, workers):
     first = loss_curve(tiny_pretraining_dataset, tmp_path, trainer, "7", "a", workers)

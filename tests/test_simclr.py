@@ -119,6 +119,7 @@ def test_a_global_batch_of_one_is_refused():
 # ------------------------------------------------------------------------------------------------ stock command
 @pytest.mark.parametrize("trainer, family", [("SimCLRPretrainTrainer", "resenc"),
                                              ("PrimusSimCLRPretrainTrainer", "primus")])
+@pytest.mark.slow
 def test_simclr_pair_through_every_entry_point(tiny_pretraining_dataset, tmp_path, trainer, family):
     """nnUNetv2_train, 2-rank nnssl_train, nnssl_prepare_finetune, fine-tuning. The plans' batch of 2 leaves one
     sample per rank: NT-Xent refuses a batch without negatives, so the 2-rank run trains only because each rank

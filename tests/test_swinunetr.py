@@ -220,6 +220,7 @@ TRANSFER_PREFIXES = {"resenc": ("encoder.stem.", "encoder.stages."), "primus": (
 
 @pytest.mark.parametrize("trainer, family", [("SwinUNETRPretrainTrainer", "resenc"),
                                              ("PrimusSwinUNETRPretrainTrainer", "primus")])
+@pytest.mark.slow
 def test_pretraining_pair_end_to_end(tiny_pretraining_dataset, trainer, family, tmp_path):
     """nnUNetv2_train, 2 DDP ranks, fine-tuning (``check_pretraining_pair``); then what SwinUNETR's checkpoint holds."""
     checkpoint = check_pretraining_pair(tiny_pretraining_dataset, trainer, family, tmp_path)

@@ -199,6 +199,7 @@ def test_ddp_batch_split_sampling_masks_loss_gathering_and_pretrained_weights(ti
     assert rank0["mean_of_rank_losses"] == rank1["mean_of_rank_losses"] == 1.5  # losses 1 and 2, gathered
 
 
+@pytest.mark.slow
 def test_s3d_pretraining_two_ranks_stay_identical_and_resume(two_rank_s3d):
     out, env = two_rank_s3d["out"], two_rank_s3d["env"]
     starts = rank_lines(two_rank_s3d["stdout"], START_LINE)
@@ -227,6 +228,7 @@ def test_s3d_pretraining_two_ranks_stay_identical_and_resume(two_rank_s3d):
     assert_mask_streams_per_rank(resumed)
 
 
+@pytest.mark.slow
 def test_frozen_encoder_finetuning_on_two_ranks(two_rank_s3d):
     from nnssl.integration.weights_checksum import state_dict_checksums
 
