@@ -72,8 +72,9 @@ class PipelineSpec:
 
 
 def _pretraining(trainer: type, **attributes) -> PipelineSpec:
+    """``case_subjects``: None as under the default per-image sampling (``nnssl_sampling=image``)."""
     return PipelineSpec(trainer, "pretraining", oversample_foreground_percent=0.0, deep_supervision=False,
-                        attributes=tuple(attributes.items()))
+                        attributes=tuple({"case_subjects": None, **attributes}.items()))
 
 
 PIPELINES: dict[str, PipelineSpec] = {
