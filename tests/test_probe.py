@@ -14,7 +14,8 @@ PROBE_ITERATIONS = 2
 PERIODIC_PROBE = {"nnssl_probe_dataset": str(TINY_DATASET_ID), "nnssl_probe_every": "1",
                   "nnssl_probe_iterations": str(PROBE_ITERATIONS)}
 DICE_LINES = re.compile(r"pretrained encoder Dice: (\d\.\d{4})\nrandom encoder Dice: +(\d\.\d{4})\n"
-                        r"difference pretrained - random: [+-]\d\.\d{4}\nratio pretrained/random (\S+)\n")
+                        r"difference pretrained - random: [+-]\d\.\d{4}\n"
+                        r"ratio pretrained/random (\d+\.\d{4}|n/a \(the random encoder's Dice is 0\))\n")
 
 
 def pretrain(dirs, results, extra_env=None):
@@ -138,3 +139,14 @@ def test_progress_figure_draws_the_probe_dice_and_its_floor_beside_the_loss():
     assert (list(dice.get_xdata()), list(dice.get_ydata())) == ([0, 1], [0.4, 0.55])
     assert list(floor.get_ydata()) == [0.3, 0.3]
     assert [axis.get_ylabel() for axis in progress_figure(logged).axes] == ["loss", "time [s]", "learning rate"]
+
+
+def test_a_random_floor_of_zero_gives_no_ratio_and_says_why():
+    from nnssl.probe.cli import result_lines
+    from nnssl.probe.run import ArmResult, ProbeResult
+    from nnssl.probe.settings import ProbeSettings
+
+    result = ProbeResult(ArmResult(0.38), ArmResult(0.0), ProbeSettings(), "split", [])
+    assert result.ratio is None
+    assert result_lines(result)[-1] == "ratio pretrained/random n/a (the random encoder's Dice is 0)"
+    assert ProbeResult(ArmResult(0.6), ArmResult(0.4), ProbeSettings(), "split", []).ratio == pytest.approx(1.5)

@@ -64,7 +64,8 @@ def result_lines(result) -> List[str]:
     return [f"pretrained encoder Dice: {result.pretrained.dice:.4f}",
             f"random encoder Dice:     {result.random.dice:.4f}",
             f"difference pretrained - random: {result.difference:+.4f}",
-            f"ratio pretrained/random {result.ratio:.4f}"]
+            f"ratio pretrained/random {result.ratio:.4f}" if result.ratio is not None else
+            "ratio pretrained/random n/a (the random encoder's Dice is 0)"]
 
 
 def default_output(checkpoint: str, dataset_name: str) -> str:

@@ -129,8 +129,9 @@ class ProbeResult:
         return self.pretrained.dice - self.random.dice
 
     @property
-    def ratio(self) -> float:
-        return self.pretrained.dice / self.random.dice if self.random.dice > 0 else float("nan")
+    def ratio(self) -> Optional[float]:
+        """None when the random encoder segments nothing (Dice 0): no ratio, the difference says it all."""
+        return self.pretrained.dice / self.random.dice if self.random.dice > 0 else None
 
 
 def pretrained_arm(data: ProbeData, network_weights: Dict[str, torch.Tensor], adaptation_plan: dict,
