@@ -44,7 +44,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 from _common import print_ratio_lines, print_table
 
@@ -159,6 +159,24 @@ class Workspace:
                                "-device", self.device], {**budget, **(extra_env or {})})
 
 
+def in_work_folder(name: str, keep: bool, body: Callable[[Path], None]) -> bool:
+    """``body(root)`` in a fresh temporary folder, removed afterwards unless ``keep`` or a command failed (its log is
+    there). A failure is printed and gives False."""
+    root = Path(tempfile.mkdtemp(prefix=f"nnssl_{name}_"))
+    try:
+        body(root)
+        return True
+    except ProbeFailure as failure:
+        keep = True
+        print(f"{name}: {failure}", file=sys.stderr)
+        return False
+    finally:
+        if keep:
+            print(f"work folder kept: {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+
 def parse_arms(names: Sequence[str], pretrainers: Sequence[str]) -> list[Arm]:
     """``TRAINER[@PRETRAINER]`` -> arms; a trainer that loads weights defaults to the first pretrainer."""
     from nnssl.integration.registry import find_class
@@ -235,18 +253,19 @@ def pretrained_checkpoint(workspace: Workspace, budget: Budget, pretrainer: str,
         print(f"  seed {workspace.seed}: {pretrainer} checkpoint from the cache ({cached})", flush=True)
         return cached
     plans = PLANNERS[budget.planner]
-    seconds = workspace.train(f"pretrain_{pretrainer}", UNLABELED_ID, "all", pretrainer, plans,
-                              budget.pretrain_epochs, budget.pretrain_iterations)
-    print(f"  seed {workspace.seed}: {pretrainer} pretraining {seconds:.0f} s", flush=True)
-    trained = (workspace.folder("nnUNet_results") / UNLABELED_DATASET / f"{pretrainer}__{plans}__3d_fullres"
-               / "fold_all" / "checkpoint_final.pth")
+    name = budget_name(budget.pretrain_epochs, budget.pretrain_iterations)
+    results = workspace.root / f"results_pretrain_{name}"  # one folder per length: lengths can train at once
+    seconds = workspace.train(f"pretrain_{pretrainer}_{name}", UNLABELED_ID, "all", pretrainer, plans,
+                              budget.pretrain_epochs, budget.pretrain_iterations, {"nnUNet_results": str(results)})
+    print(f"  seed {workspace.seed}: {pretrainer} pretraining {name} {seconds:.0f} s", flush=True)
+    trained = results / UNLABELED_DATASET / f"{pretrainer}__{plans}__3d_fullres" / "fold_all" / "checkpoint_final.pth"
     cache.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(trained, cached)
     return cached
 
 
-def prepare_seed(workspace: Workspace, budget: Budget, pretrainers: Sequence[str], cache: Path) -> dict[str, Path]:
-    """Data, pretraining (cached) and the fine-tuning plans of one seed; returns {pretrainer: checkpoint}."""
+def generate_and_plan(workspace: Workspace, budget: Budget) -> None:
+    """This seed's demo data: the unlabeled volumes ingested and planned, the labeled dataset written."""
     source = workspace.root / "source"
     workspace.run("demo_data", ["nnssl_demo_data", "-o", source, "--num_unlabeled", budget.num_unlabeled,
                                 "--num_labeled", max(budget.labeled) + budget.num_heldout,
@@ -256,10 +275,20 @@ def prepare_seed(workspace: Workspace, budget: Budget, pretrainers: Sequence[str
                              "-np", 1])
     workspace.run("plan_and_preprocess", ["nnUNetv2_plan_and_preprocess", "-d", UNLABELED_ID, "-pl",
                                           budget.planner, "-c", "3d_fullres", "-np", 1, "-npfp", 1, "--no_pbar"])
-    checkpoints = {p: pretrained_checkpoint(workspace, budget, p, cache) for p in pretrainers}
-    workspace.run("prepare_finetune", ["nnssl_prepare_finetune", "-d", LABELED_ID, "-c", checkpoints[pretrainers[0]],
-                                       "-np", 1, "-npfp", 1])
+
+
+def prepare_labeled(workspace: Workspace, budget: Budget, checkpoint: Path) -> None:
+    """The labeled dataset planned for ``checkpoint`` (``nnsslFinetunePlans``) and the probe's split."""
+    workspace.run("prepare_finetune", ["nnssl_prepare_finetune", "-d", LABELED_ID, "-c", checkpoint, "-np", 1,
+                                       "-npfp", 1])
     write_split(workspace, budget)
+
+
+def prepare_seed(workspace: Workspace, budget: Budget, pretrainers: Sequence[str], cache: Path) -> dict[str, Path]:
+    """Data, pretraining (cached) and the fine-tuning plans of one seed; returns {pretrainer: checkpoint}."""
+    generate_and_plan(workspace, budget)
+    checkpoints = {p: pretrained_checkpoint(workspace, budget, p, cache) for p in pretrainers}
+    prepare_labeled(workspace, budget, checkpoints[pretrainers[0]])
     return checkpoints
 
 
@@ -486,23 +515,16 @@ def main() -> int:
           f"{list(budget.labeled)} labeled case(s), Dice on {budget.num_heldout} held-out; fine-tuning budgets "
           f"{[budget_name(*b) for b in budget.finetune]}; device {args.device}, {jobs} training(s) at a time, torch "
           f"threads {torch_threads or 'nnU-Net default'}", flush=True)
-    root = Path(tempfile.mkdtemp(prefix="nnssl_transfer_probe_"))
-    cache = args.cache or root / "pretrained"
     runs: list[Run] = []
     threshold: list[float] = []
-    keep = args.keep
-    try:
+
+    def probe(root: Path) -> None:
+        nonlocal runs, threshold
         workspaces = [Workspace(root / f"seed{seed}", args.device, seed, torch_threads) for seed in budget.seeds]
-        runs, threshold = run_all(workspaces, budget, arms, args.pretrainers, cache, jobs)
-    except ProbeFailure as failure:
-        keep = True
-        print(f"transfer_probe: {failure}", file=sys.stderr)
+        runs, threshold = run_all(workspaces, budget, arms, args.pretrainers, args.cache or root / "pretrained", jobs)
+
+    if not in_work_folder("transfer_probe", args.keep, probe):
         return 1
-    finally:
-        if keep:
-            print(f"work folder kept: {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
     print(f"\nsanity: the best single intensity threshold reaches Dice {statistics.fmean(threshold):.3f} on the "
           f"held-out cases (mean over seeds)")
     ratios = report(runs, arms, args.baseline, budget)
