@@ -8,7 +8,7 @@ class ProbeSettings:
     """``iterations`` head updates of ``batch_size`` patches, AdamW at ``learning_rate``, everything seeded by
     ``seed``."""
 
-    iterations: int = 200
+    iterations: int = 300
     batch_size: int = 2
     learning_rate: float = 1e-3
     seed: int = 0
