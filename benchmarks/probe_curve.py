@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import threading
@@ -283,6 +284,7 @@ def report(per_seed: dict[int, list[Measurement]]) -> dict[str, list[float]]:
         rho, concordant, discordant, tied = agreement(per_seed[seed])
         if concordant + discordant + tied:
             agreement_rows.append([seed, f"{rho:.2f}", concordant, discordant, tied])
+        if math.isfinite(rho):  # NaN: one side is constant (e.g. no fine-tuning segmented anything), no ranking
             ratios.setdefault("probe_vs_finetune_spearman", []).append(rho)
     if agreement_rows:
         print_table("Rank agreement of the probe with full fine-tuning over the checkpoints of a seed",
@@ -321,6 +323,8 @@ def plot(per_seed: dict[int, list[Measurement]], path: Path) -> None:
         axis.scatter([m.length * (1.08 + 0.08 * index) for m in points], [m.probe_dice for m in points],
                      color=f"C{index + 1}", marker="s^D"[index % 3], label=method.replace("PretrainTrainer", ""))
     axis.set_xscale("symlog", linthresh=max(1, min(n for n in lengths if n > 0) if len(lengths) > 1 else 1))
+    axis.set_xticks(lengths, [str(n) for n in lengths])
+    axis.minorticks_off()
     axis.set_xlabel("pretraining iterations (0 = random encoder)")
     axis.set_ylabel("probe Dice (held-out cases)")
     axis.set_ylim(-0.02, 1)
@@ -355,11 +359,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", type=Path, default=Path("probe_curve"),
                         help="folder for probe_curve.{png,json} and the probes' JSON (default %(default)s)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (data, logs, results)")
+    parser.add_argument("--report", type=Path, metavar="JSON",
+                        help="print the tables and draw the figure of an earlier run's probe_curve.json; train nothing")
     return parser
+
+
+def measurements_from(record: Path) -> dict[int, list[Measurement]]:
+    """An earlier run's measurements per seed, in its order."""
+    per_seed: dict[int, list[Measurement]] = {}
+    for row in json.loads(record.read_text())["measurements"]:
+        per_seed.setdefault(row["seed"], []).append(Measurement(**row))
+    return per_seed
+
+
+def finish(per_seed: dict[int, list[Measurement]], output: Path) -> None:
+    """Tables, figure and ratio lines."""
+    ratios = report(per_seed)
+    plot(per_seed, output / "probe_curve.png")
+    print(f"\nwrote {output / 'probe_curve.png'}")
+    print_ratio_lines(ratios or {"nothing_measured": [float("nan")]})
 
 
 def main() -> int:
     args = build_parser().parse_args()
+    if args.report:
+        args.output.mkdir(parents=True, exist_ok=True)
+        finish(measurements_from(args.report), args.output)
+        return 0
     settings = settings_from(args)
     start = time.perf_counter()
     print(f"probe curve{' (--quick: smoke check, NOT evidence)' if args.quick else ''}: {asdict(settings)}; CPU, "
@@ -376,14 +402,11 @@ def main() -> int:
     if not in_work_folder("probe_curve", args.keep, measure):
         return 1
     per_seed = {run.seed: with_floor(run) for run in runs}
-    ratios = report(per_seed)
-    plot(per_seed, args.output / "probe_curve.png")
     (args.output / "probe_curve.json").write_text(json.dumps({
         "settings": asdict(settings), "measurements": [asdict(m) for rows in per_seed.values() for m in rows],
         "wall_seconds": time.perf_counter() - start}, indent=2) + "\n")
-    print(f"\nwrote {args.output / 'probe_curve.png'} and {args.output / 'probe_curve.json'}; wall time "
-          f"{time.perf_counter() - start:.0f} s")
-    print_ratio_lines(ratios or {"nothing_measured": [float("nan")]})
+    print(f"\nwrote {args.output / 'probe_curve.json'}; wall time {time.perf_counter() - start:.0f} s")
+    finish(per_seed, args.output)
     return 0
 
 

@@ -133,3 +133,6 @@ def test_report_ratio_lines_and_figure(curve, tmp_path, capsys):
     assert ratios["probe_dice_S3DPretrainTrainer@40_over_random"] == [pytest.approx(1.25)]
     curve.plot(per_seed, tmp_path / "curve.png")
     assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
+    record = tmp_path / "probe_curve.json"  # --report redraws an earlier run from its JSON
+    record.write_text(json.dumps({"measurements": [curve.asdict(m) for rows in per_seed.values() for m in rows]}))
+    assert curve.measurements_from(record) == per_seed
