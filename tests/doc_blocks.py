@@ -10,7 +10,7 @@ from typing import Dict, List, Optional, Set, Tuple
 
 # What a block may need that the documentation test's machine lacks; a block without a marker is run by the test.
 NEEDS = ("GPU", "several GPUs", "a cluster", "your data", "a published checkpoint", "a fresh virtual environment",
-         "minutes of CPU time")
+         "minutes of CPU time", "hours of CPU time")
 MARKER = re.compile(r"^# needs: (.+)$")
 FENCE = re.compile(r"^```(\w*)\s*$")
 OPERATORS = {"&&", "||", "|", ";", "(", ")", "&"}
