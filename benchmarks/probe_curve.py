@@ -123,11 +123,18 @@ class SeedRun:
         self.labeled_ready = threading.Lock()
         self.prepared = False
         self.measurements: dict[str, Measurement] = {}
+        self.measurements_lock = threading.Lock()  # a checkpoint's probe and fine-tuning finish in different threads
         self.random_finetune_submitted = False
 
     @property
     def seed(self) -> int:
         return self.workspace.seed
+
+    def record(self, name: str, **fields: object) -> None:
+        """Add ``fields`` to the checkpoint's measurement (the random initialisation's starts empty)."""
+        with self.measurements_lock:
+            previous = self.measurements.get(name) or floor_measurement(self.seed)
+            self.measurements[name] = replace(previous, **fields)
 
     def pretrain(self, checkpoint: Checkpoint) -> Path:
         """Train (or take from the cache) the checkpoint; the first one of the seed also plans the labeled data."""
@@ -135,8 +142,8 @@ class SeedRun:
         path = pretrained_checkpoint(self.workspace, replace(self.budget, pretrain_epochs=checkpoint.epochs,
                                                              pretrain_iterations=checkpoint.iterations),
                                      checkpoint.method, self.cache)
-        self.measurements[checkpoint.name] = Measurement(self.seed, checkpoint.name, checkpoint.method,
-                                                         checkpoint.length, time.perf_counter() - start)
+        self.record(checkpoint.name, checkpoint=checkpoint.name, method=checkpoint.method, length=checkpoint.length,
+                    pretrain_seconds=time.perf_counter() - start)
         with self.labeled_ready:  # every checkpoint has the same architecture: one set of fine-tuning plans
             if not self.prepared:
                 prepare_labeled(self.workspace, self.budget, path)
@@ -149,9 +156,8 @@ class SeedRun:
             "nnssl_probe", "-d", LABELED_ID, "-c", path, "-device", self.workspace.device, "-i",
             self.settings.probe_iterations, "--seed", self.seed, "-o", record])
         result = json.loads(record.read_text())
-        self.measurements[checkpoint.name] = replace(
-            self.measurements[checkpoint.name], probe_dice=result["pretrained"]["dice"],
-            probe_floor=result["random"]["dice"], probe_seconds=seconds)
+        self.record(checkpoint.name, probe_dice=result["pretrained"]["dice"], probe_floor=result["random"]["dice"],
+                    probe_seconds=seconds)
         print(f"  seed {self.seed}: probe {checkpoint.name:<40} Dice {result['pretrained']['dice']:.3f} (random "
               f"encoder {result['random']['dice']:.3f}; {seconds:.0f} s)", flush=True)
 
@@ -166,8 +172,7 @@ class SeedRun:
         self.workspace.train(f"finetune_{name}", LABELED_ID, "0", trainer, "nnsslFinetunePlans", epochs, iterations,
                              extra)
         dice = validation_dice(results, trainer, 0)
-        previous = self.measurements.get(name) or Measurement(self.seed, name, RANDOM, 0, 0.0)
-        self.measurements[name] = replace(previous, finetune_dice=dice)
+        self.record(name, finetune_dice=dice)
         print(f"  seed {self.seed}: fine-tuning {name:<36} Dice {dice:.3f}", flush=True)
 
 
@@ -212,6 +217,11 @@ def no_follow_up(_result: object) -> list[Job]:
     return []
 
 
+def floor_measurement(seed: int) -> Measurement:
+    """The random initialisation as a checkpoint of length 0, nothing measured yet."""
+    return Measurement(seed, RANDOM, RANDOM, 0, 0.0)
+
+
 def with_floor(run: SeedRun) -> list[Measurement]:
     """The seed's checkpoints plus the random encoder as a checkpoint of length 0 (its probe Dice is the floor, the
     same in every probe of the seed: same seed, same network before loading; a mismatch is reported, not hidden)."""
@@ -219,8 +229,8 @@ def with_floor(run: SeedRun) -> list[Measurement]:
     floors = sorted({m.probe_floor for m in measured if m.probe_floor is not None})
     if len(floors) > 1:
         print(f"  seed {run.seed}: WARNING the random floor differs between probes: {floors}", flush=True)
-    random = run.measurements.get(RANDOM) or Measurement(run.seed, RANDOM, RANDOM, 0, 0.0)
-    random = replace(random, probe_dice=floors[0] if floors else None, probe_floor=floors[0] if floors else None)
+    floor = floors[0] if floors else None
+    random = replace(run.measurements.get(RANDOM) or floor_measurement(run.seed), probe_dice=floor, probe_floor=floor)
     return sorted([random] + measured, key=lambda m: (m.method != RANDOM, m.method, m.length))
 
 

@@ -278,7 +278,7 @@ def generate_and_plan(workspace: Workspace, budget: Budget) -> None:
 
 
 def prepare_labeled(workspace: Workspace, budget: Budget, checkpoint: Path) -> None:
-    """The labeled dataset planned for ``checkpoint`` (``nnsslFinetunePlans``) and the probe's split."""
+    """The labeled dataset planned for ``checkpoint`` (``nnsslFinetunePlans``) and its held-out split."""
     workspace.run("prepare_finetune", ["nnssl_prepare_finetune", "-d", LABELED_ID, "-c", checkpoint, "-np", 1,
                                        "-npfp", 1])
     write_split(workspace, budget)
